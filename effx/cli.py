@@ -1,0 +1,128 @@
+"""The `effx` command line: a thin skin over the Python API (every command parses flags into a RunSpec
+or paths and calls one public function). EffxError becomes one line on stderr and a non-zero exit code;
+`--debug` shows the traceback instead."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+from effx.errors import EffxError
+from effx.specflags import spec_flags
+
+app = typer.Typer(
+    name="effx",
+    help="Efficient-attention transformers from PyTorch to ONNX Runtime and TensorRT (data-center GPUs, Jetson).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+)
+_state = {"debug": False}
+
+
+@app.callback()
+def _root(debug: bool = typer.Option(False, "--debug", help="show tracebacks instead of one-line errors")) -> None:
+    _state["debug"] = debug
+
+
+def _console():
+    from rich.console import Console
+
+    return Console()
+
+
+def resolve_spec(spec_file: Path | None, overrides: dict[str, Any]):
+    """The run spec from a TOML file (or defaults) with CLI overrides applied."""
+    from effx.spec import RunSpec
+
+    base = RunSpec.from_toml(spec_file) if spec_file is not None else RunSpec()
+    return base.with_overrides(overrides) if overrides else base
+
+
+SpecArg = typer.Argument(None, help="run spec (TOML); flags override its values", show_default=False)
+
+
+# ------------------------------------------------------------------------------------------------ models
+@app.command()
+def models(as_json: bool = typer.Option(False, "--json", help="machine-readable output")) -> None:
+    """List attention kinds with their parameters, KV-cache layouts and the compatibility matrix."""
+    from effx.registry import describe
+
+    info = describe()
+    if as_json:
+        typer.echo(json.dumps(info, indent=2))
+        return
+    from effx.report_tables import compatibility_table, kinds_table, layouts_table
+
+    console = _console()
+    console.print(kinds_table(info))
+    console.print(layouts_table(info))
+    console.print(compatibility_table(info))
+
+
+# -------------------------------------------------------------------------------------------------- init
+@app.command()
+@spec_flags
+def init(
+    output: Path = typer.Option(Path("spec.toml"), "-o", "--output", help="where to write the spec"),
+    force: bool = typer.Option(False, "--force", help="overwrite an existing file"),
+    overrides: dict | None = None,
+) -> None:
+    """Write a commented example run spec (TOML)."""
+    from effx.errors import OutputPathError
+    from effx.spec_toml import spec_to_commented_toml
+
+    spec = resolve_spec(None, overrides or {})
+    if output.exists() and not force:
+        raise OutputPathError(f"{output} exists; pass --force to overwrite or choose another -o")
+    from effx.atomic import atomic_write_text
+
+    atomic_write_text(output, spec_to_commented_toml(spec))
+    typer.echo(f"wrote {output} (attention={spec.attention.kind}, family={spec.model.family})")
+
+
+# --------------------------------------------------------------------------------------------------- run
+@app.command()
+@spec_flags
+def run(
+    spec_file: Optional[Path] = SpecArg,  # noqa: UP045 - typer reads this annotation at runtime
+    output: Path = typer.Option(Path("effx-out"), "-o", "--output", help="output folder"),
+    batch: int = typer.Option(2, "--batch", min=1, help="batch of the forward check"),
+    seq: int = typer.Option(16, "--seq", min=1, help="sequence length of the forward check"),
+    overrides: dict | None = None,
+) -> None:
+    """The main job: build the model from the spec and run it end to end (currently: model + forward check)."""
+    from effx.pipeline import run_pipeline
+
+    spec = resolve_spec(spec_file, overrides or {})
+    result = run_pipeline(spec, output, batch=batch, seq=seq, console=_console())
+    typer.echo(result.summary())
+
+
+def main() -> None:
+    try:
+        app(standalone_mode=False)
+    except EffxError as exc:
+        if _state["debug"]:
+            raise
+        typer.echo(f"effx: error: {exc}", err=True)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        typer.echo("effx: interrupted; partial output was removed", err=True)
+        sys.exit(130)
+    except Exception as exc:
+        # usage errors of the (vendored) click inside typer: they know how to show themselves
+        code = getattr(exc, "exit_code", None)
+        if code is not None and callable(getattr(exc, "show", None)):
+            exc.show()
+            sys.exit(code)
+        if type(exc).__name__ == "Exit":
+            sys.exit(code or 0)
+        if type(exc).__name__ == "Abort":
+            sys.exit(1)
+        raise

@@ -1,0 +1,177 @@
+"""manifest.json: the contract between effx stages and the C++ runtime.
+
+Every artifact folder effx writes (onnx/ from `effx export`, build/<target>/ from `effx build`) holds one
+manifest.json validated by `Manifest`. A later stage reads only the previous stage's folder and this file.
+The C++ runner (runtimes/cpp) reads the same JSON, so field names here are a public format: add fields,
+never rename them, and bump SCHEMA_VERSION when a reader would misread an old file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from effx.errors import ArtifactError
+
+SCHEMA_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+
+Dim = int | str  # a fixed size, or the name of a symbolic dimension ("batch", "sequence", ...)
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TensorSpec(_Model):
+    """One graph input or output. dtype uses numpy names: float32, float16, bfloat16, int64, int32, bool."""
+
+    name: str
+    dtype: str
+    shape: list[Dim]
+
+
+class DimRange(_Model):
+    """Range of a symbolic dimension: an optimization profile (TensorRT min/opt/max) for that name."""
+
+    min: int
+    opt: int
+    max: int
+
+
+class GraphSpec(_Model):
+    """One ONNX graph (or the engine built from it)."""
+
+    file: str  # path relative to the folder holding manifest.json
+    role: Literal["encoder", "prefill", "decode"]
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    dims: dict[str, DimRange] = Field(default_factory=dict)
+
+
+class CacheTensor(_Model):
+    """A piece of decoder state carried from one step to the next: feed `output` back as `input`."""
+
+    input: str  # decode-graph input name, e.g. "past.0.key"
+    output: str  # output name of both prefill and decode graphs, e.g. "present.0.key"
+    dtype: str
+    shape: list[Dim]  # shape of the tensor before the first step (symbolic dims resolved by the caller)
+    init: Literal["zeros"] = "zeros"
+
+
+class ControlInput(_Model):
+    """A decode-graph input the host computes each step (positions, block tables, lengths)."""
+
+    name: str
+    dtype: str
+    shape: list[Dim]
+    meaning: str
+
+
+class CachePlan(_Model):
+    """How to allocate and feed the KV cache of a decoder, step by step."""
+
+    layout: Literal["contiguous", "paged", "ring", "state", "multiscale"]
+    dtype: str
+    tensors: list[CacheTensor]
+    controls: list[ControlInput] = Field(default_factory=list)
+    grows: bool  # whether state tensors grow with the number of decoded tokens
+    params: dict[str, Any] = Field(default_factory=dict)  # layout parameters (block_size, window, ...)
+    protocol: list[str]  # the steps in words, for people and for the device README
+
+
+class CustomOp(_Model):
+    domain: str
+    op_type: str
+    version: int
+    count: int  # nodes of this op in the graph(s)
+    trt_plugin: str | None = None  # "namespace::name" of the TensorRT plugin that can replace it
+
+
+class FileEntry(_Model):
+    sha256: str
+    bytes: int
+
+
+class BuildInfo(_Model):
+    """Filled by `effx build`: what was built, for which target, and how to run it."""
+
+    target: str
+    backend: Literal["ort", "tensorrt"]
+    precision: str
+    engine_built: bool  # False for a device build kit
+    reason: str = ""  # why no engine was built, for kits
+    sm: int | None = None
+    tensorrt_version: str | None = None
+    graphs: dict[str, GraphSpec] = Field(default_factory=dict)  # built artifacts (engine or optimized ONNX)
+    plugins: list[dict[str, Any]] = Field(default_factory=list)
+    session_options: dict[str, Any] = Field(default_factory=dict)
+    extra: dict[str, Any] = Field(default_factory=dict)
+
+
+class Manifest(_Model):
+    schema_version: int = SCHEMA_VERSION
+    stage: Literal["onnx", "build"]
+    family: Literal["encoder", "decoder"]
+    versions: dict[str, str]  # effx, torch, onnx, onnxruntime ... that made the files
+    spec: dict[str, Any]  # the run spec (effx.spec.RunSpec as JSON)
+    opsets: dict[str, int]  # domain -> version; "" is ai.onnx
+    ir_version: int
+    custom_ops: list[CustomOp] = Field(default_factory=list)
+    graphs: dict[str, GraphSpec]  # "encoder", or "prefill" + "decode"
+    kv_cache: CachePlan | None = None
+    build: BuildInfo | None = None
+    files: dict[str, FileEntry] = Field(default_factory=dict)
+
+    # -- io -------------------------------------------------------------------------------------------
+    def write(self, folder: Path) -> Path:
+        path = Path(folder) / MANIFEST_NAME
+        path.write_text(json.dumps(self.model_dump(mode="json"), indent=2, sort_keys=False) + "\n")
+        return path
+
+    @classmethod
+    def read(cls, folder: Path) -> Manifest:
+        path = Path(folder) / MANIFEST_NAME
+        if not path.is_file():
+            raise ArtifactError(f"{folder}: no {MANIFEST_NAME}; point at a folder written by `effx export` or `effx build`")
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise ArtifactError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno}); re-run the stage that wrote it") from None
+        version = data.get("schema_version")
+        if version != SCHEMA_VERSION:
+            raise ArtifactError(
+                f"{path}: manifest schema_version {version}, this effx reads {SCHEMA_VERSION}; re-run the stage with this effx"
+            )
+        return cls.model_validate(data)
+
+    def hash_files(self, folder: Path, names: list[str] | None = None) -> None:
+        """Record sha256 and size of every file in `folder` (except the manifest itself)."""
+        folder = Path(folder)
+        paths = [folder / n for n in names] if names else sorted(p for p in folder.rglob("*") if p.is_file())
+        self.files = {
+            p.relative_to(folder).as_posix(): FileEntry(sha256=sha256_file(p), bytes=p.stat().st_size)
+            for p in sorted(paths)
+            if p.name != MANIFEST_NAME
+        }
+
+    def verify_files(self, folder: Path) -> None:
+        """Raise ArtifactError if a listed file is missing or its content changed."""
+        for name, entry in self.files.items():
+            p = Path(folder) / name
+            if not p.is_file():
+                raise ArtifactError(f"{p}: listed in {MANIFEST_NAME} but missing; re-run the stage that wrote {folder}")
+            if sha256_file(p) != entry.sha256:
+                raise ArtifactError(f"{p}: sha256 differs from {MANIFEST_NAME}; the file was changed after it was written")
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()

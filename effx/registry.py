@@ -1,0 +1,204 @@
+"""Registries of attention kinds and KV-cache layouts, and the compatibility they declare.
+
+Pure data (no torch import), so `effx models`, spec validation and the README matrices are cheap and are
+generated from here, never written by hand. The torch modules and ops that implement each entry are named
+by import path and loaded on first use.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from effx.errors import CompatibilityError
+
+if TYPE_CHECKING:
+    from effx.spec import RunSpec
+
+
+@dataclass(frozen=True)
+class AttentionEntry:
+    kind: str
+    spec_class: str  # name in effx.spec
+    summary: str
+    families: tuple[str, ...]
+    cache_layouts: tuple[str, ...]  # layouts a decoder may use with this kind ("none" always allowed)
+    onnx_op: str | None  # effx-domain op the prefill/encoder graph uses (None: standard ONNX)
+    why_not: dict[str, str] = field(default_factory=dict)  # layout or family -> reason it is refused
+
+
+@dataclass(frozen=True)
+class CacheEntry:
+    layout: str
+    spec_class: str
+    summary: str
+    grows: bool  # memory grows with decoded tokens
+
+
+ATTENTION: dict[str, AttentionEntry] = {}
+CACHES: dict[str, CacheEntry] = {}
+
+
+def register_attention(entry: AttentionEntry) -> AttentionEntry:
+    ATTENTION[entry.kind] = entry
+    return entry
+
+
+def register_cache(entry: CacheEntry) -> CacheEntry:
+    CACHES[entry.layout] = entry
+    return entry
+
+
+register_cache(CacheEntry("none", "NoCacheSpec", "no cache: full forward only (encoders)", grows=False))
+register_cache(CacheEntry("contiguous", "ContiguousCacheSpec", "[B,H_kv,S,D] per layer, concatenated", grows=True))
+register_cache(
+    CacheEntry("paged", "PagedCacheSpec", "block pool [blocks,bs,H_kv,D] + per-sequence block table", grows=True)
+)
+register_cache(CacheEntry("ring", "RingCacheSpec", "rolling [B,H_kv,W,D]: token p in slot p mod W", grows=False))
+register_cache(CacheEntry("state", "StateCacheSpec", "recurrent S [B,H_kv,m,D] and z [B,H_kv,m]", grows=False))
+register_cache(
+    CacheEntry("multiscale", "MultiscaleCacheSpec", "pooled K/V per hourglass level + pooling tail", grows=True)
+)
+
+_ENCODER_ONLY = "Linformer projects keys/values over the whole sequence (future tokens included), so it cannot "
+_ENCODER_ONLY += "be causal or decoded token by token: use it with model.family = encoder"
+
+register_attention(
+    AttentionEntry(
+        "full", "FullAttentionSpec", "exact softmax attention (SDPA / math)", ("encoder", "decoder"),
+        ("contiguous", "paged"), None,
+        {"ring": "a ring buffer drops old tokens, which full attention still needs: use attention.kind = local",
+         "state": "a recurrent state needs linear attention: use attention.kind = linear",
+         "multiscale": "a multiscale cache needs attention.kind = hierarchical"},
+    )
+)
+register_attention(
+    AttentionEntry(
+        "linformer", "LinformerSpec", "softmax(Q (E K)^T / sqrt(d)) (F V), E,F: k x n", ("encoder",), (),
+        "LinformerAttention", {"decoder": _ENCODER_ONLY},
+    )
+)
+register_attention(
+    AttentionEntry(
+        "local", "LocalSpec", "sliding window (causal: last w keys; encoder: |i-j| < w)", ("encoder", "decoder"),
+        ("contiguous", "paged", "ring"), "LocalAttention",
+        {"state": "a recurrent state needs attention.kind = linear",
+         "multiscale": "a multiscale cache needs attention.kind = hierarchical"},
+    )
+)
+register_attention(
+    AttentionEntry(
+        "block_sparse", "BlockSparseSpec", "fixed block layout: local + global + strided blocks",
+        ("encoder", "decoder"), ("contiguous", "paged"), "BlockSparseAttention",
+        {"ring": "global and strided blocks reach back beyond any window: use contiguous or paged",
+         "state": "a recurrent state needs attention.kind = linear",
+         "multiscale": "a multiscale cache needs attention.kind = hierarchical"},
+    )
+)
+register_attention(
+    AttentionEntry(
+        "linear", "LinearSpec", "phi(Q) (phi(K)^T V) / phi(Q) sum phi(K); elu+1 or FAVOR+",
+        ("encoder", "decoder"), ("state",), "LinearAttention",
+        {"contiguous": "linear attention decodes from its fixed-size recurrent state: use kv_cache.layout = state",
+         "paged": "linear attention decodes from its fixed-size recurrent state: use kv_cache.layout = state",
+         "ring": "linear attention decodes from its fixed-size recurrent state: use kv_cache.layout = state",
+         "multiscale": "a multiscale cache needs attention.kind = hierarchical"},
+    )
+)
+register_attention(
+    AttentionEntry(
+        "hierarchical", "HierarchicalSpec", "hourglass: attention at pooled resolutions, upsampled back",
+        ("encoder", "decoder"), ("multiscale",), "HourglassAttention",
+        {"contiguous": "hourglass layers cache pooled keys/values: use kv_cache.layout = multiscale",
+         "paged": "hourglass layers cache pooled keys/values: use kv_cache.layout = multiscale",
+         "ring": "hourglass layers cache pooled keys/values: use kv_cache.layout = multiscale",
+         "state": "a recurrent state needs attention.kind = linear"},
+    )
+)
+
+
+def compatible_layouts(kind: str, family: str) -> tuple[str, ...]:
+    entry = ATTENTION[kind]
+    if family not in entry.families:
+        return ()
+    return ("none",) + (entry.cache_layouts if family == "decoder" else ())
+
+
+def check_compatible(spec: RunSpec) -> None:
+    """Raise CompatibilityError (one line: why, and what to choose instead) for an impossible combination."""
+    kind, family = spec.attention.kind, spec.model.family
+    layout = spec.kv_cache.layout
+    entry = ATTENTION[kind]
+    if family not in entry.families:
+        raise CompatibilityError(f"attention.kind={kind} with model.family={family}: {entry.why_not[family]}")
+    if family == "encoder" and layout != "none":
+        raise CompatibilityError(
+            f"kv_cache.layout={layout} with model.family=encoder: encoders do not decode; set kv_cache.layout = none"
+        )
+    if layout != "none" and layout not in entry.cache_layouts:
+        reason = entry.why_not.get(layout, "not supported")
+        choose = ", ".join(entry.cache_layouts) or "none"
+        raise CompatibilityError(
+            f"kv_cache.layout={layout} with attention.kind={kind}: {reason} (compatible: {choose})"
+        )
+    _check_params(spec)
+
+
+def _check_params(spec: RunSpec) -> None:
+    m, a, c = spec.model, spec.attention, spec.kv_cache
+    if a.kind == "linformer" and a.k > m.max_seq_len:
+        raise CompatibilityError(f"attention.k={a.k} exceeds model.max_seq_len={m.max_seq_len}; choose k <= max_seq_len")
+    if a.kind == "hierarchical":
+        levels = 2 * len(a.factors) - 1
+        if m.n_layers < levels:
+            raise CompatibilityError(
+                f"model.n_layers={m.n_layers} is too few for attention.factors={a.factors}: an hourglass needs "
+                f"{levels} layers (down, middle, up); raise n_layers or drop a factor"
+            )
+        if m.max_seq_len < a.factors[-1]:
+            raise CompatibilityError(
+                f"attention.factors={a.factors}: largest factor exceeds model.max_seq_len={m.max_seq_len}"
+            )
+    if c.layout == "ring" and a.kind == "local" and c.window is not None and c.window < a.window:
+        raise CompatibilityError(
+            f"kv_cache.window={c.window} is smaller than attention.window={a.window}: the ring would drop keys "
+            "the window still sees; leave kv_cache.window unset or make it >= attention.window"
+        )
+    if c.layout == "paged" and c.num_blocks * c.block_size < m.max_seq_len:
+        raise CompatibilityError(
+            f"kv_cache.num_blocks={c.num_blocks} x block_size={c.block_size} holds fewer tokens than "
+            f"model.max_seq_len={m.max_seq_len}; raise num_blocks"
+        )
+
+
+def describe() -> dict[str, Any]:
+    """Everything `effx models --json` prints: kinds with parameters, layouts, and the compatibility matrix."""
+    from effx import spec as spec_module
+
+    def params(cls_name: str, skip: str) -> list[dict[str, Any]]:
+        cls = getattr(spec_module, cls_name)
+        out = []
+        for name, f in cls.model_fields.items():
+            if name == skip:
+                continue
+            ann = f.annotation
+            type_name = getattr(ann, "__name__", None) or str(ann).replace("typing.", "")
+            out.append({"name": name, "type": type_name, "default": f.get_default(call_default_factory=True),
+                        "help": f.description or ""})
+        return out
+
+    matrix = {}
+    for kind in ATTENTION:
+        matrix[kind] = {fam: list(compatible_layouts(kind, fam)) for fam in ("encoder", "decoder")}
+    return {
+        "attention": [
+            {"kind": e.kind, "summary": e.summary, "families": list(e.families), "onnx_op": e.onnx_op,
+             "params": params(e.spec_class, "kind")}
+            for e in ATTENTION.values()
+        ],
+        "kv_cache": [
+            {"layout": e.layout, "summary": e.summary, "grows": e.grows, "params": params(e.spec_class, "layout")}
+            for e in CACHES.values()
+        ],
+        "compatibility": matrix,
+    }

@@ -1,0 +1,271 @@
+"""The run spec: one typed, validated description of a run (model, attention, KV cache).
+
+Loaded from TOML (`RunSpec.from_toml`) and overridden by CLI flags (`RunSpec.with_overrides`). Every
+attention kind and cache layout is a registered pydantic model; which combinations work is declared in
+their registry entries (effx.registry) and checked here, so a bad run fails before any work starts.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import tomllib
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from effx.errors import CompatibilityError, SpecError
+
+
+class _Spec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# ---------------------------------------------------------------------------------------------- model
+class ModelSpec(_Spec):
+    """The transformer around the attention."""
+
+    family: Literal["encoder", "decoder"] = Field("encoder", description="encoder (BERT-like) or decoder (causal LM)")
+    vocab_size: int = Field(1000, ge=2, description="token vocabulary size")
+    d_model: int = Field(64, ge=8, description="hidden size")
+    n_heads: int = Field(4, ge=1, description="query heads")
+    n_kv_heads: int | None = Field(None, ge=1, description="key/value heads (GQA/MQA); default n_heads")
+    n_layers: int = Field(2, ge=1, description="transformer blocks")
+    d_ff: int = Field(256, ge=1, description="MLP hidden size")
+    max_seq_len: int = Field(256, ge=2, description="longest sequence (positions, Linformer projections)")
+    norm: Literal["layernorm", "rmsnorm"] = Field("layernorm", description="normalisation")
+    positional: Literal["learned", "rope"] | None = Field(
+        None, description="learned embeddings or RoPE; default learned for encoders, rope for decoders"
+    )
+    rope_theta: float = Field(10000.0, gt=0, description="RoPE base")
+    seed: int = Field(0, ge=0, description="initialisation seed")
+
+    @model_validator(mode="after")
+    def _check(self) -> ModelSpec:
+        if self.d_model % self.n_heads:
+            raise ValueError(f"model.d_model={self.d_model} is not divisible by model.n_heads={self.n_heads}")
+        if self.n_heads % self.kv_heads:
+            raise ValueError(
+                f"model.n_kv_heads={self.n_kv_heads} must divide model.n_heads={self.n_heads} (GQA groups)"
+            )
+        if self.family == "encoder" and self.kv_heads != self.n_heads:
+            raise ValueError("model.n_kv_heads is for decoders (GQA/MQA); leave it unset for encoders")
+        if self.pos_encoding == "rope" and self.head_dim % 2:
+            raise ValueError(f"RoPE needs an even head dim, got d_model/n_heads={self.head_dim}")
+        return self
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def causal(self) -> bool:
+        return self.family == "decoder"
+
+    @property
+    def pos_encoding(self) -> str:
+        return self.positional or ("rope" if self.family == "decoder" else "learned")
+
+
+# ------------------------------------------------------------------------------------------ attention
+class FullAttentionSpec(_Spec):
+    """Exact softmax attention (SDPA path, with a readable math path beside it)."""
+
+    kind: Literal["full"] = "full"
+    impl: Literal["sdpa", "math"] = Field("sdpa", description="fused SDPA or the explicit softmax(QK^T)V")
+
+
+class LinformerSpec(_Spec):
+    """Linformer (Wang et al. 2020): keys/values projected along the sequence to length k."""
+
+    kind: Literal["linformer"] = "linformer"
+    k: int = Field(32, ge=1, description="projected length")
+    sharing: Literal["none", "headwise", "kv", "layerwise"] = Field(
+        "none", description="E,F per head | shared across heads | E=F | one E for all layers and heads"
+    )
+
+
+class LocalSpec(_Spec):
+    """Sliding-window attention: causal queries see the last `window` keys (incl. self); encoders |i-j| < window."""
+
+    kind: Literal["local"] = "local"
+    window: int = Field(32, ge=1, description="keys per causal query, including itself")
+
+
+class BlockSparseSpec(_Spec):
+    """Block-sparse attention on a fixed block layout (local, global and strided blocks)."""
+
+    kind: Literal["block_sparse"] = "block_sparse"
+    block_size: int = Field(16, ge=1, description="tokens per block")
+    local_blocks: int = Field(1, ge=1, description="blocks each side a query block sees (incl. its own)")
+    global_blocks: int = Field(1, ge=0, description="leading blocks every query sees")
+    stride_blocks: int = Field(0, ge=0, description="also see every stride-th block back (0: off)")
+
+
+class LinearSpec(_Spec):
+    """Linear attention: phi(Q) (phi(K)^T V) with elu+1 or FAVOR+ positive random features."""
+
+    kind: Literal["linear"] = "linear"
+    feature_map: Literal["elu", "favor"] = Field("elu", description="elu (elu(x)+1) or favor (FAVOR+)")
+    nb_features: int = Field(64, ge=1, description="random features for favor")
+    eps: float = Field(1e-6, gt=0, description="added to the normaliser")
+
+
+class HierarchicalSpec(_Spec):
+    """Hourglass (Nawrot et al. 2021): layers attend at shortened resolutions, pooled down and upsampled back."""
+
+    kind: Literal["hierarchical"] = "hierarchical"
+    factors: list[int] = Field([1, 2], min_length=1, description="shorten factors of the hourglass levels")
+
+    @model_validator(mode="after")
+    def _check(self) -> HierarchicalSpec:
+        f = self.factors
+        if f[0] != 1:
+            raise ValueError(f"attention.factors must start with 1 (full-resolution vanilla layers), got {f}")
+        if any(b <= a or b % a for a, b in zip(f, f[1:], strict=False)):
+            raise ValueError(f"attention.factors must increase, each dividing the next (e.g. [1, 4, 16]), got {f}")
+        return self
+
+
+AttentionSpec = Annotated[
+    FullAttentionSpec | LinformerSpec | LocalSpec | BlockSparseSpec | LinearSpec | HierarchicalSpec,
+    Field(discriminator="kind"),
+]
+
+
+# ------------------------------------------------------------------------------------------- kv cache
+class NoCacheSpec(_Spec):
+    layout: Literal["none"] = "none"
+    dtype: Literal["model"] = "model"
+
+
+class ContiguousCacheSpec(_Spec):
+    """[B, H_kv, S, D] per layer, grows by concatenation."""
+
+    layout: Literal["contiguous"] = "contiguous"
+    dtype: Literal["model"] = "model"
+
+
+class PagedCacheSpec(_Spec):
+    """A pool of fixed-size blocks per layer plus a per-sequence block table (vLLM-style)."""
+
+    layout: Literal["paged"] = "paged"
+    dtype: Literal["model"] = "model"
+    block_size: int = Field(16, ge=1, description="tokens per block")
+    num_blocks: int = Field(64, ge=1, description="blocks in the pool (shared by the batch)")
+
+
+class RingCacheSpec(_Spec):
+    """Fixed-size rolling buffer for sliding-window attention: token p lives in slot p mod window."""
+
+    layout: Literal["ring"] = "ring"
+    dtype: Literal["model"] = "model"
+    window: int | None = Field(None, ge=1, description="slots; default the attention window")
+
+
+class StateCacheSpec(_Spec):
+    """Linear attention's recurrent state S = sum phi(k) v^T and z = sum phi(k): fixed size."""
+
+    layout: Literal["state"] = "state"
+    dtype: Literal["model"] = "model"
+
+
+class MultiscaleCacheSpec(_Spec):
+    """Hourglass: per layer, pooled K/V at its resolution plus the tail of the group being pooled."""
+
+    layout: Literal["multiscale"] = "multiscale"
+    dtype: Literal["model"] = "model"
+
+
+KVCacheSpec = Annotated[
+    NoCacheSpec | ContiguousCacheSpec | PagedCacheSpec | RingCacheSpec | StateCacheSpec | MultiscaleCacheSpec,
+    Field(discriminator="layout"),
+]
+
+
+# -------------------------------------------------------------------------------------------- run spec
+class RunSpec(_Spec):
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    attention: AttentionSpec = Field(default_factory=FullAttentionSpec)
+    kv_cache: KVCacheSpec = Field(default_factory=NoCacheSpec)
+
+    @model_validator(mode="after")
+    def _compatible(self) -> RunSpec:
+        from effx.registry import check_compatible
+
+        check_compatible(self)
+        return self
+
+    # -- construction ---------------------------------------------------------------------------------
+    @classmethod
+    def parse(cls, data: dict[str, Any], source: str = "spec") -> RunSpec:
+        """Validate a nested dict; any problem becomes one SpecError line naming the field."""
+        try:
+            return cls.model_validate(data)
+        except CompatibilityError:
+            raise
+        except ValidationError as exc:
+            raise SpecError(f"{source}: {_first_error(exc)}") from None
+
+    @classmethod
+    def from_toml(cls, path: str | Path) -> RunSpec:
+        path = Path(path)
+        try:
+            data = tomllib.loads(path.read_text())
+        except FileNotFoundError:
+            raise SpecError(f"{path}: no such spec file; write one with `effx init -o {path}`") from None
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise SpecError(f"{path}: not valid TOML ({exc}); fix the file or regenerate it with `effx init`") from None
+        return cls.parse(data, source=str(path))
+
+    @classmethod
+    def from_json(cls, text: str, source: str = "spec.json") -> RunSpec:
+        return cls.parse(json.loads(text), source=source)
+
+    def with_overrides(self, overrides: dict[str, Any], source: str = "command line") -> RunSpec:
+        """Return a new spec with dotted-key overrides applied, e.g. {"attention.kind": "linformer", "attention.k": 64}.
+
+        Changing attention.kind (or kv_cache.layout) starts that section from the new kind's defaults.
+        """
+        data = self.to_dict()
+        for section, key in (("attention", "kind"), ("kv_cache", "layout")):
+            new = overrides.get(f"{section}.{key}")
+            if new is not None and new != data[section][key]:
+                data[section] = {key: new}
+        for dotted, value in overrides.items():
+            if value is None:
+                continue
+            section, _, field = dotted.partition(".")
+            data.setdefault(section, {})[field] = value
+        return RunSpec.parse(data, source=source)
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+
+def _first_error(exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    # drop the discriminator tag pydantic inserts into the path (e.g. attention.linformer.k -> attention.k)
+    loc = [str(p) for p in err["loc"] if not (isinstance(p, str) and p in _TAGS)]
+    where = ".".join(loc) or "spec"
+    msg = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "extra_forbidden":
+        return f"unknown field {where}; see `effx models` for the fields of each kind"
+    if err["type"] == "union_tag_invalid":
+        return f"{where}: {msg}"
+    if "input" in err and err["type"] not in ("value_error", "missing"):
+        return f"{where}={err['input']!r}: {msg}"
+    return f"{where}: {msg}" if not msg.startswith(("model.", "attention.", "kv_cache.")) else msg
+
+
+_TAGS = {
+    "full", "linformer", "local", "block_sparse", "linear", "hierarchical",
+    "none", "contiguous", "paged", "ring", "state", "multiscale",
+}

@@ -1,0 +1,47 @@
+"""Write a RunSpec as commented TOML (what `effx init` produces), comments taken from the field help."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from pydantic import BaseModel
+
+from effx.registry import compatible_layouts
+from effx.spec import RunSpec
+
+
+def _value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, str):
+        return json.dumps(v)
+    if isinstance(v, list):
+        return "[" + ", ".join(_value(x) for x in v) + "]"
+    return repr(v)
+
+
+def _section(name: str, model: BaseModel, note: str = "") -> list[str]:
+    lines = [f"[{name}]"] + ([f"# {note}"] if note else [])
+    for field, info in type(model).model_fields.items():
+        value = getattr(model, field)
+        comment = f"  # {info.description}" if info.description else ""
+        if value is None:
+            lines.append(f"# {field} = ...{comment}")
+        else:
+            lines.append(f"{field} = {_value(value)}{comment}")
+    return lines + [""]
+
+
+def spec_to_commented_toml(spec: RunSpec) -> str:
+    kinds = "full | linformer | local | block_sparse | linear | hierarchical"
+    layouts = ", ".join(compatible_layouts(spec.attention.kind, spec.model.family))
+    lines = [
+        "# effx run spec. Flags override these values, e.g. `effx run spec.toml --attention local --local-window 64`.",
+        "# `effx models` lists every attention kind, its parameters and the cache layouts it works with.",
+        "",
+    ]
+    lines += _section("model", spec.model)
+    lines += _section("attention", spec.attention, f"kind: {kinds}")
+    lines += _section("kv_cache", spec.kv_cache, f"layouts for this attention and family: {layouts}")
+    return "\n".join(lines)

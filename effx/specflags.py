@@ -1,0 +1,115 @@
+"""Run-spec flags for the CLI, generated from the spec classes (never listed by hand).
+
+`--attention linformer --linformer-k 64 --linformer-sharing layerwise --kv-cache paged --paged-block-size 16`
+and model flags (`--family decoder --d-model 128 ...`) map onto dotted overrides of the RunSpec.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import typing
+from collections.abc import Callable
+from typing import Any
+
+import typer
+
+from effx import spec as S
+
+_ATTENTION = [S.FullAttentionSpec, S.LinformerSpec, S.LocalSpec, S.BlockSparseSpec, S.LinearSpec, S.HierarchicalSpec]
+_CACHES = [S.PagedCacheSpec, S.RingCacheSpec]  # the layouts with parameters
+
+
+def _kind(cls, tag: str) -> str:
+    return cls.model_fields[tag].default
+
+
+def _flag_type(annotation: Any) -> type:
+    """CLI type of a spec field: ints and floats stay typed; literals and lists travel as strings."""
+    if typing.get_origin(annotation) is list:
+        return str  # comma-separated
+    args = [a for a in typing.get_args(annotation) if a is not type(None)] or [annotation]
+    first = args[0]
+    if first in (int, float):
+        return first
+    return str
+
+
+def _flags() -> list[tuple[str, str, type, str]]:
+    """(python name, dotted spec key, type, help) for every generated flag."""
+    out: list[tuple[str, str, type, str]] = []
+    for name, f in S.ModelSpec.model_fields.items():
+        out.append((f"model_{name}", f"model.{name}", _flag_type(f.annotation), f.description or ""))
+    out.append(("attention_kind", "attention.kind", str, "attention kind (see `effx models`)"))
+    for cls in _ATTENTION:
+        kind = _kind(cls, "kind")
+        for name, f in cls.model_fields.items():
+            if name != "kind":
+                out.append((f"{kind}_{name}", f"attention.{name}@{kind}", _flag_type(f.annotation),
+                            f"[{kind}] {f.description or ''}"))
+    out.append(("kv_cache_layout", "kv_cache.layout", str, "KV-cache layout (see `effx models`)"))
+    for cls in _CACHES:
+        layout = _kind(cls, "layout")
+        for name, f in cls.model_fields.items():
+            if name not in ("layout", "dtype"):
+                out.append((f"{layout}_{name}", f"kv_cache.{name}@{layout}", _flag_type(f.annotation),
+                            f"[{layout}] {f.description or ''}"))
+    return out
+
+
+_FLAGS = _flags()
+_OPTION_NAME = {"model_family": "--family", "attention_kind": "--attention", "kv_cache_layout": "--kv-cache"}
+
+
+def _option(pyname: str) -> str:
+    return _OPTION_NAME.get(pyname, "--" + pyname.removeprefix("model_").replace("_", "-"))
+
+
+def overrides_from_flags(values: dict[str, Any]) -> dict[str, Any]:
+    """Flag values -> dotted overrides. A kind-specific flag also selects its kind when none was given."""
+    out: dict[str, Any] = {}
+    for pyname, key, _, _ in _FLAGS:
+        value = values.get(pyname)
+        if value is None:
+            continue
+        dotted, _, owner = key.partition("@")
+        if dotted == "attention.factors" and isinstance(value, str):
+            value = [int(v) for v in value.replace(" ", "").split(",") if v]
+        out[dotted] = value
+        if owner:
+            section = dotted.split(".")[0]
+            tag = "kind" if section == "attention" else "layout"
+            selected = out.get(f"{section}.{tag}") or values.get("attention_kind" if tag == "kind" else "kv_cache_layout")
+            if selected is None:
+                out[f"{section}.{tag}"] = owner
+            elif selected != owner:
+                raise typer.BadParameter(f"{_option(pyname)} belongs to {tag} {owner}, but {selected} was chosen")
+    return out
+
+
+def spec_flags(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Add every run-spec flag to a Typer command; the command receives them as `overrides: dict`."""
+    sig = inspect.signature(fn)
+    params = [p for p in sig.parameters.values() if p.name != "overrides"]
+    for pyname, _, typ, help_text in _FLAGS:
+        params.append(
+            inspect.Parameter(
+                pyname, inspect.Parameter.KEYWORD_ONLY,
+                default=typer.Option(None, _option(pyname), help=help_text, rich_help_panel="Run spec"),
+                annotation=typing.Optional[typ],  # noqa: UP045 - typer reads this annotation at runtime
+            )
+        )
+
+    @functools.wraps(fn)
+    def wrapper(**kwargs: Any) -> Any:
+        flag_values = {name: kwargs.pop(name) for name, *_ in _FLAGS}
+        try:
+            kwargs["overrides"] = overrides_from_flags(flag_values)
+        except typer.BadParameter as exc:
+            from effx.errors import SpecError
+
+            raise SpecError(str(exc)) from None
+        return fn(**kwargs)
+
+    wrapper.__signature__ = sig.replace(parameters=params)  # type: ignore[attr-defined]
+    return wrapper

@@ -1,0 +1,36 @@
+"""Full attention: softmax(Q K^T / sqrt(d)) V, exact. The fused SDPA path and the readable math path
+compute the same thing; `attention.impl` picks one (export turns SDPA into ONNX `Attention` at opset 23)."""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from effx.models.attention import SoftmaxAttention
+from effx.plugins.common import causal_allowed, expand_kv, softmax_attention, split_positions
+from torch import Tensor
+
+
+class FullAttention(SoftmaxAttention):
+    kind = "full"
+    paged_window = 0  # the paged op with no window is full causal attention
+
+    def __init__(self, spec, layer_index, rope, shared=None):
+        super().__init__(spec, layer_index, rope, shared)
+        self.impl = spec.attention.impl
+
+    def attend_sequence(self, q, k, v, positions, key_mask):
+        if key_mask is None and self.impl == "sdpa":  # no padding: SDPA's own causal flag, no mask tensor
+            n_rep = self.n_heads // self.n_kv_heads
+            return F.scaled_dot_product_attention(
+                q, expand_kv(k, n_rep), expand_kv(v, n_rep), is_causal=self.causal, scale=self.scale
+            )
+        return super().attend_sequence(q, k, v, positions, key_mask)
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: Tensor) -> Tensor:
+        # (B,H,Nq,D) x (B,H_kv,Nk,D); allowed (B,1,Nq,Nk): a real key, and not in the future for decoders
+        allowed = causal_allowed(q_pos, k_pos) if self.causal else split_positions(q_pos, k_pos)[2]
+        if self.impl == "sdpa":
+            n_rep = self.n_heads // self.n_kv_heads
+            return F.scaled_dot_product_attention(
+                q, expand_kv(k, n_rep), expand_kv(v, n_rep), attn_mask=allowed, scale=self.scale
+            )
+        return softmax_attention(q, k, v, allowed, self.scale)

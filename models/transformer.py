@@ -1,0 +1,201 @@
+"""Encoder (BERT-like: token + position embeddings, bidirectional, returns hidden states) and decoder
+(causal LM, RoPE by default, GQA, returns logits) built from a RunSpec, plus save/load and decoding."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from effx.models.attention import AttentionBase, LayerState, StepInputs
+from effx.models.block_sparse import BlockSparseAttention
+from effx.models.blocks import MLP, Rotary, make_norm
+from effx.models.cache import (
+    ContiguousCache,
+    KVCache,
+    MultiscaleCache,
+    PagedCache,
+    RingCache,
+    StateCache,
+    zeros_lengths,
+)
+from effx.models.full import FullAttention
+from effx.models.hierarchical import HierarchicalAttention, hourglass_schedule
+from effx.models.linear import LinearAttention
+from effx.models.linformer import LinformerAttention, init_projection
+from effx.models.local import LocalAttention
+from torch import Tensor, nn
+
+from effx.errors import ArtifactError, EffxError
+from effx.spec import RunSpec
+
+ATTENTION_CLASSES: dict[str, type[AttentionBase]] = {
+    cls.kind: cls
+    for cls in (FullAttention, LinformerAttention, LocalAttention, BlockSparseAttention, LinearAttention,
+                HierarchicalAttention)
+}
+CACHE_CLASSES: dict[str, type[KVCache]] = {
+    cls.layout: cls for cls in (ContiguousCache, PagedCache, RingCache, StateCache, MultiscaleCache)
+}
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, spec: RunSpec, index: int, rope: nn.Module | None, shared: nn.ParameterDict):
+        super().__init__()
+        m = spec.model
+        self.norm1 = make_norm(m.norm, m.d_model)
+        self.attn = ATTENTION_CLASSES[spec.attention.kind](spec, index, rope, shared)
+        self.norm2 = make_norm(m.norm, m.d_model)
+        self.mlp = MLP(m.d_model, m.d_ff)
+
+    def forward(self, x: Tensor, positions: Tensor, key_mask: Tensor | None) -> Tensor:
+        x = x + self.attn(self.norm1(x), positions, key_mask)
+        return x + self.mlp(self.norm2(x))
+
+    def step(self, x: Tensor, state: LayerState, inputs: StepInputs) -> tuple[Tensor, LayerState]:
+        a, state = self.attn.step(self.norm1(x), state, inputs)
+        x = x + a
+        return x + self.mlp(self.norm2(x)), state
+
+
+class EffxModel(nn.Module):
+    def __init__(self, spec: RunSpec):
+        super().__init__()
+        m = spec.model
+        self.spec = spec
+        self.embed = nn.Embedding(m.vocab_size, m.d_model)
+        self.pos_embed = nn.Embedding(m.max_seq_len, m.d_model) if m.pos_encoding == "learned" else None
+        self.rope = Rotary(m.head_dim, m.max_seq_len, m.rope_theta) if m.pos_encoding == "rope" else None
+        self.shared = nn.ParameterDict()
+        a = spec.attention
+        if a.kind == "linformer" and a.sharing == "layerwise":
+            self.shared["linformer_e"] = init_projection(1, a.k, m.max_seq_len)  # one E for all layers
+        self.blocks = nn.ModuleList(Block(spec, i, self.rope, self.shared) for i in range(m.n_layers))
+        self.norm = make_norm(m.norm, m.d_model)
+        self.lm_head = nn.Linear(m.d_model, m.vocab_size, bias=False) if m.family == "decoder" else None
+
+    @property
+    def family(self) -> str:
+        return self.spec.model.family
+
+    def embed_tokens(self, input_ids: Tensor, positions: Tensor) -> Tensor:
+        x = self.embed(input_ids)  # (B,N,C)
+        return x if self.pos_embed is None else x + self.pos_embed(positions)
+
+    def head(self, x: Tensor) -> Tensor:
+        x = self.norm(x)
+        return x if self.lm_head is None else self.lm_head(x)  # hidden states (B,N,C) or logits (B,N,V)
+
+    # -- whole sequence ---------------------------------------------------------------------------------
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        """Encoders: last_hidden_state (B,N,C), attention_mask 1 = token, 0 = padding. Decoders: logits (B,N,V)."""
+        b, n = input_ids.shape
+        if not torch.compiler.is_compiling() and isinstance(n, int) and n > self.spec.model.max_seq_len:
+            raise EffxError(
+                f"input length {n} exceeds model.max_seq_len={self.spec.model.max_seq_len}; truncate the input"
+            )
+        positions = torch.arange(n, device=input_ids.device).expand(b, n)
+        x = self.embed_tokens(input_ids, positions)
+        for block in self.blocks:
+            x = block(x, positions, attention_mask)
+        return self.head(x)
+
+    # -- incremental decoding ---------------------------------------------------------------------------
+    def empty_cache(self, batch: int, device: torch.device | None = None, dtype: torch.dtype | None = None) -> KVCache:
+        c = self.spec.kv_cache
+        if self.family != "decoder" or c.layout == "none":
+            raise EffxError(
+                f"model.family={self.family} with kv_cache.layout={c.layout} does not decode; "
+                "use a decoder with a cache layout (see `effx models`)"
+            )
+        device = device or self.embed.weight.device
+        dtype = dtype or self.embed.weight.dtype
+        layers = [blk.attn.empty_state(batch, c, dtype, device) for blk in self.blocks]
+        lengths = zeros_lengths(batch, device)
+        if c.layout == "paged":
+            max_blocks = -(-self.spec.model.max_seq_len // c.block_size)
+            return PagedCache(lengths, layers, block_table=torch.zeros(batch, max_blocks, dtype=torch.int64,
+                                                                       device=device),
+                              block_size=c.block_size, free_blocks=list(range(c.num_blocks)),
+                              blocks_used=[0] * batch)
+        if c.layout == "ring":
+            return RingCache(lengths, layers, window=layers[0]["key"].shape[2])
+        if c.layout == "multiscale":
+            a = self.spec.attention
+            return MultiscaleCache(lengths, layers, factors=hourglass_schedule(self.spec.model.n_layers, a.factors))
+        return CACHE_CLASSES[c.layout](lengths, layers)
+
+    def step(self, input_ids: Tensor, cache: KVCache, new_lengths: Tensor | None = None) -> tuple[Tensor, KVCache]:
+        """Run new tokens (B,S) against the cache: logits (B,S,V) and the next cache. A prompt of several
+        tokens on an empty cache works; `new_lengths` (B,) lets a paged batch take ragged prompts
+        (right-padded input_ids; positions past a row's length are ignored)."""
+        b, s = input_ids.shape
+        if new_lengths is None:
+            new_lengths = torch.full((b,), s, dtype=torch.int64, device=input_ids.device)
+        longest = int((cache.lengths + s).max())
+        if longest > self.spec.model.max_seq_len:
+            raise EffxError(
+                f"decoding to position {longest} exceeds model.max_seq_len={self.spec.model.max_seq_len}"
+            )
+        block_table = None
+        if isinstance(cache, PagedCache):
+            cache = cache.reserve(s)
+            block_table = cache.block_table
+        logits, layers = self.step_tensors(input_ids, cache.lengths, new_lengths, cache.layers, block_table)
+        return logits, cache.replaced(cache.lengths + new_lengths, layers)
+
+    def step_tensors(
+        self, input_ids: Tensor, lengths: Tensor, new_lengths: Tensor, layers: list[LayerState],
+        block_table: Tensor | None = None,
+    ) -> tuple[Tensor, list[LayerState]]:
+        """The traceable core of `step` (what the exported decode graph computes)."""
+        b, s = input_ids.shape
+        q_pos = lengths[:, None] + torch.arange(s, device=input_ids.device)[None, :]  # (B,S)
+        inputs = StepInputs(self.spec.kv_cache.layout, lengths, q_pos, new_lengths, block_table)
+        x = self.embed_tokens(input_ids, q_pos)
+        new_layers = []
+        for block, state in zip(self.blocks, layers, strict=True):
+            x, state = block.step(x, state, inputs)
+            new_layers.append(state)
+        return self.head(x), new_layers
+
+
+# ---------------------------------------------------------------------------------------------- building
+def build_model(spec: RunSpec) -> EffxModel:
+    """The model for `spec`, initialised deterministically from spec.model.seed, in eval mode."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(spec.model.seed)
+        model = EffxModel(spec)
+    return model.eval()
+
+
+WEIGHTS_NAME = "model.safetensors"
+SPEC_NAME = "spec.json"
+
+
+def save_model(model: EffxModel, folder: str | Path) -> Path:
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(folder / WEIGHTS_NAME), metadata={"format": "pt", "effx_spec": model.spec.to_json()})
+    (folder / SPEC_NAME).write_text(model.spec.to_json() + "\n")
+    return folder
+
+
+def load_model(folder: str | Path) -> EffxModel:
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    if not (folder / WEIGHTS_NAME).is_file() or not (folder / SPEC_NAME).is_file():
+        raise ArtifactError(f"{folder}: expected {WEIGHTS_NAME} and {SPEC_NAME}; write them with effx.models.save_model")
+    spec = RunSpec.from_json((folder / SPEC_NAME).read_text(), source=str(folder / SPEC_NAME))
+    model = build_model(spec)
+    try:
+        model.load_state_dict(load_file(str(folder / WEIGHTS_NAME)), strict=True)
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[1].strip() if len(str(exc).splitlines()) > 1 else str(exc)
+        raise ArtifactError(f"{folder / WEIGHTS_NAME}: weights do not match {SPEC_NAME} ({first})") from None
+    return model.eval()

@@ -1,0 +1,131 @@
+"""effx::LinearAttention and effx::LinearAttentionState: kernelised attention with a feature map phi.
+
+Non-causal (Katharopoulos et al. 2020, eq. 5):  V'_i = phi(Q_i)^T (sum_j phi(K_j) V_j^T) / (phi(Q_i)^T sum_j phi(K_j) + eps)
+Causal, from a recurrent state (eq. 16-20):     S_i = S_{i-1} + phi(K_i) V_i^T,  z_i = z_{i-1} + phi(K_i)
+                                                V'_i = phi(Q_i)^T S_i / (phi(Q_i)^T z_i + eps)
+The state op starts from (S_0, z_0): zeros for a prompt, the cached state for decode steps.
+
+Feature maps: `elu` is elu(x) + 1; `favor` is FAVOR+ (Choromanski et al. 2020, Lemma 1) with positive
+orthogonal random features omega (m x d, seeded, fixed after init):
+    phi(x) = exp(omega x' - |x'|^2 / 2 - c) / sqrt(m),  x' = x d^(-1/4)
+c is the per-row max for queries (it scales numerator and denominator alike, so it cancels) and 0 for
+keys, because a key stabiliser over all positions would depend on future tokens and break streaming.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from effx.plugins.common import expand_kv
+from effx.plugins.opspec import OpSpec, register_op
+from torch import Tensor
+
+
+def favor_projection(nb_features: int, dim: int, generator: torch.Generator) -> Tensor:
+    """Orthogonal random features (m, d): stacked QR blocks, rows rescaled to chi-distributed norms."""
+    blocks = []
+    for _ in range(math.ceil(nb_features / dim)):
+        q, _ = torch.linalg.qr(torch.randn(dim, dim, generator=generator))
+        blocks.append(q.T)
+    w = torch.cat(blocks)[:nb_features]  # (m, d), orthonormal rows within a block
+    norms = torch.randn(nb_features, dim, generator=generator).norm(dim=1, keepdim=True)
+    return w * norms
+
+
+def feature_map(x: Tensor, omega: Tensor | None, kind: str, is_query: bool) -> Tensor:
+    if kind == "elu":
+        return F.elu(x) + 1.0  # (..., D)
+    assert omega is not None, "favor needs its projection omega"
+    x = x * x.shape[-1] ** -0.25
+    logits = x @ omega.transpose(0, 1) - (x * x).sum(-1, keepdim=True) / 2  # (..., m)
+    if is_query:
+        logits = logits - logits.amax(-1, keepdim=True)
+    return torch.exp(logits) / math.sqrt(omega.shape[0])
+
+
+def linear_attention_reference(
+    q: Tensor, k: Tensor, v: Tensor, k_valid: Tensor | None, omega: Tensor | None, feature_map_kind: str, eps: float
+) -> Tensor:
+    # q (B,H,N,D), k/v (B,H_kv,N,D), k_valid (B,N) 1 = real token, 0 = padding
+    phi_q = feature_map(q, omega, feature_map_kind, is_query=True)  # (B,H,N,m)
+    phi_k = feature_map(k, omega, feature_map_kind, is_query=False)  # (B,H_kv,N,m)
+    if k_valid is not None:
+        phi_k = phi_k * k_valid[:, None, :, None].to(phi_k.dtype)  # padding leaves both sums
+    n_rep = q.shape[1] // k.shape[1]
+    kv = expand_kv(phi_k.transpose(-1, -2) @ v, n_rep)  # (B,H,m,D)
+    z = expand_kv(phi_k.sum(-2, keepdim=True), n_rep)  # (B,H,1,m)
+    return (phi_q @ kv) / ((phi_q * z).sum(-1, keepdim=True) + eps)  # (B,H,N,D)
+
+
+def linear_attention_state_reference(
+    q: Tensor, k: Tensor, v: Tensor, s0: Tensor, z0: Tensor, omega: Tensor | None, feature_map_kind: str, eps: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    # q (B,H,N,D), k/v (B,H_kv,N,D), s0 (B,H_kv,m,D), z0 (B,H_kv,m); prefix sums over the N new tokens
+    phi_q = feature_map(q, omega, feature_map_kind, is_query=True)  # (B,H,N,m)
+    phi_k = feature_map(k, omega, feature_map_kind, is_query=False)  # (B,H_kv,N,m)
+    s = s0[:, :, None] + (phi_k[..., :, None] * v[..., None, :]).cumsum(2)  # (B,H_kv,N,m,D): S_i
+    z = z0[:, :, None] + phi_k.cumsum(2)  # (B,H_kv,N,m): z_i
+    n_rep = q.shape[1] // k.shape[1]
+    num = (phi_q[..., None, :] @ expand_kv(s, n_rep)).squeeze(-2)  # (B,H,N,D)
+    den = (phi_q * expand_kv(z, n_rep)).sum(-1, keepdim=True) + eps  # (B,H,N,1)
+    return num / den, s[:, :, -1], z[:, :, -1]
+
+
+def linear_attention_quadratic(
+    q: Tensor, k: Tensor, v: Tensor, omega: Tensor | None, feature_map_kind: str, eps: float
+) -> Tensor:
+    """Causal linear attention in its quadratic masked form: the check for the prefix-sum form."""
+    phi_q = feature_map(q, omega, feature_map_kind, is_query=True)
+    phi_k = expand_kv(feature_map(k, omega, feature_map_kind, is_query=False), q.shape[1] // k.shape[1])
+    a = (phi_q @ phi_k.transpose(-1, -2)).tril()  # (B,H,N,N), j <= i
+    return (a @ expand_kv(v, q.shape[1] // v.shape[1])) / (a.sum(-1, keepdim=True) + eps)
+
+
+@torch.library.custom_op("effx::linear_attention", mutates_args=())
+def linear_attention(
+    q: Tensor, k: Tensor, v: Tensor, k_valid: Tensor | None, omega: Tensor | None, feature_map_kind: str, eps: float
+) -> Tensor:
+    return linear_attention_reference(q, k, v, k_valid, omega, feature_map_kind, eps)
+
+
+@linear_attention.register_fake
+def _(q, k, v, k_valid, omega, feature_map_kind, eps):
+    return torch.empty_like(q)
+
+
+@torch.library.custom_op("effx::linear_attention_state", mutates_args=())
+def linear_attention_state(
+    q: Tensor, k: Tensor, v: Tensor, s0: Tensor, z0: Tensor, omega: Tensor | None, feature_map_kind: str, eps: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    return linear_attention_state_reference(q, k, v, s0, z0, omega, feature_map_kind, eps)
+
+
+@linear_attention_state.register_fake
+def _(q, k, v, s0, z0, omega, feature_map_kind, eps):
+    return torch.empty_like(q), torch.empty_like(s0), torch.empty_like(z0)
+
+
+SPEC = register_op(
+    OpSpec(
+        name="LinearAttention",
+        torch_op=linear_attention,
+        inputs=("q", "k", "v", "k_valid?", "omega?"),
+        outputs=("y",),
+        attributes={"feature_map": str, "eps": float},
+        reference=linear_attention_reference,
+        summary="non-causal linear attention phi(Q)(phi(K)^T V) / phi(Q) sum phi(K)",
+    )
+)
+STATE_SPEC = register_op(
+    OpSpec(
+        name="LinearAttentionState",
+        torch_op=linear_attention_state,
+        inputs=("q", "k", "v", "s0", "z0", "omega?"),
+        outputs=("y", "s", "z"),
+        attributes={"feature_map": str, "eps": float},
+        reference=linear_attention_state_reference,
+        summary="causal linear attention from a recurrent state (prefix sums); returns the new state",
+    )
+)

@@ -1,0 +1,51 @@
+"""effx::LocalAttention: sliding-window softmax attention.
+
+Causal (decoders): query at position i sees keys j with i - window < j <= i (window keys incl. itself,
+the Mistral/xformers convention). Symmetric (encoders): |i - j| < window.
+"""
+
+from __future__ import annotations
+
+import torch
+from effx.plugins.common import softmax_attention, split_positions
+from effx.plugins.opspec import OpSpec, register_op
+from torch import Tensor
+
+
+def local_allowed(q_pos: Tensor, k_pos: Tensor, window: int, causal: bool) -> Tensor:
+    qp, kp, valid = split_positions(q_pos, k_pos)  # (B,1,Nq,1), (B,1,1,Nk)
+    if causal:
+        return valid & (kp <= qp) & (kp > qp - window)
+    return valid & ((qp - kp).abs() < window)
+
+
+def local_attention_reference(
+    q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: Tensor, window: int, causal: bool, scale: float
+) -> Tensor:
+    # q (B,H,Nq,D), k/v (B,H_kv,Nk,D), q_pos (B,Nq), k_pos (B,Nk) with -1 = empty slot
+    return softmax_attention(q, k, v, local_allowed(q_pos, k_pos, window, causal), scale)
+
+
+@torch.library.custom_op("effx::local_attention", mutates_args=())
+def local_attention(
+    q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: Tensor, window: int, causal: bool, scale: float
+) -> Tensor:
+    return local_attention_reference(q, k, v, q_pos, k_pos, window, causal, scale)
+
+
+@local_attention.register_fake
+def _(q, k, v, q_pos, k_pos, window, causal, scale):
+    return torch.empty_like(q)
+
+
+SPEC = register_op(
+    OpSpec(
+        name="LocalAttention",
+        torch_op=local_attention,
+        inputs=("q", "k", "v", "q_pos", "k_pos"),
+        outputs=("y",),
+        attributes={"window": int, "causal": bool, "scale": float},
+        reference=local_attention_reference,
+        summary="sliding-window softmax attention over absolute positions",
+    )
+)

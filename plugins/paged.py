@@ -1,0 +1,68 @@
+"""effx::PagedAttention: causal softmax attention reading keys/values from a paged block pool (Kwon 2023).
+
+The pool holds fixed-size blocks shared by the batch: k_pool, v_pool (num_blocks, block_size, H_kv, D).
+Sequence b owns the physical blocks block_table[b, 0..]; its token at position p lives in block
+block_table[b, p // block_size], row p % block_size. seq_lens[b] counts the tokens of sequence b that are
+in the pool (the new ones included: the caller writes them first). `window` > 0 restricts each query to
+the last `window` keys (sliding window); 0 means full causal attention.
+"""
+
+from __future__ import annotations
+
+import torch
+from effx.plugins.common import softmax_attention
+from effx.plugins.local import local_allowed
+from effx.plugins.opspec import OpSpec, register_op
+from torch import Tensor
+
+
+def gather_pages(pool: Tensor, block_table: Tensor) -> Tensor:
+    """(num_blocks, bs, H_kv, D) x (B, max_blocks) -> (B, H_kv, max_blocks * bs, D), in logical order."""
+    b, max_blocks = block_table.shape
+    _, bs, h, d = pool.shape
+    pages = pool[block_table.reshape(-1)].reshape(b, max_blocks * bs, h, d)
+    return pages.transpose(1, 2)
+
+
+def paged_key_positions(seq_lens: Tensor, length: int) -> Tensor:
+    """Logical positions 0..length-1 per sequence, -1 past its seq_len."""
+    pos = torch.arange(length, device=seq_lens.device).expand(seq_lens.shape[0], length)
+    return torch.where(pos < seq_lens[:, None], pos, torch.full_like(pos, -1))
+
+
+def paged_attention_reference(
+    q: Tensor, k_pool: Tensor, v_pool: Tensor, block_table: Tensor, q_pos: Tensor, seq_lens: Tensor,
+    window: int, scale: float,
+) -> Tensor:
+    # q (B,H,S,D) at positions q_pos (B,S); pools (num_blocks,bs,H_kv,D); block_table (B,max_blocks)
+    k = gather_pages(k_pool, block_table)  # (B,H_kv,L,D), L = max_blocks * bs
+    v = gather_pages(v_pool, block_table)
+    k_pos = paged_key_positions(seq_lens, k.shape[2])  # (B,L)
+    return softmax_attention(q, k, v, local_allowed(q_pos, k_pos, window if window > 0 else k.shape[2] + 1, True),
+                             scale)
+
+
+@torch.library.custom_op("effx::paged_attention", mutates_args=())
+def paged_attention(
+    q: Tensor, k_pool: Tensor, v_pool: Tensor, block_table: Tensor, q_pos: Tensor, seq_lens: Tensor,
+    window: int, scale: float,
+) -> Tensor:
+    return paged_attention_reference(q, k_pool, v_pool, block_table, q_pos, seq_lens, window, scale)
+
+
+@paged_attention.register_fake
+def _(q, k_pool, v_pool, block_table, q_pos, seq_lens, window, scale):
+    return torch.empty_like(q)
+
+
+SPEC = register_op(
+    OpSpec(
+        name="PagedAttention",
+        torch_op=paged_attention,
+        inputs=("q", "k_pool", "v_pool", "block_table", "q_pos", "seq_lens"),
+        outputs=("y",),
+        attributes={"window": int, "scale": float},
+        reference=paged_attention_reference,
+        summary="causal (optionally windowed) attention over a paged KV block pool",
+    )
+)

@@ -1,0 +1,104 @@
+"""The CLI: help, models, init, run, and one-line errors with exit code 2 (no traceback)."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from effx.cli import main
+from effx.spec import RunSpec
+
+
+def run_cli(args, capsys, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["effx", *args])
+    code = 0
+    try:
+        main()
+    except SystemExit as exc:
+        code = exc.code or 0
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_help_lists_commands(capsys, monkeypatch):
+    code, out, _ = run_cli(["--help"], capsys, monkeypatch)
+    assert code == 0 and "models" in out and "init" in out and "run" in out
+
+
+def test_models_json_is_generated_from_registry(capsys, monkeypatch):
+    from effx.registry import describe
+
+    code, out, _ = run_cli(["models", "--json"], capsys, monkeypatch)
+    assert code == 0 and json.loads(out) == json.loads(json.dumps(describe()))
+    code, out, _ = run_cli(["models"], capsys, monkeypatch)
+    assert code == 0 and "linformer" in out and "multiscale" in out and "Compatibility" in out
+
+
+def test_init_writes_a_spec_that_loads(tmp_path, capsys, monkeypatch):
+    path = tmp_path / "spec.toml"
+    args = ["init", "-o", str(path), "--family", "decoder", "--attention", "local", "--local-window", "8",
+            "--kv-cache", "ring", "--n-kv-heads", "2"]
+    code, out, _ = run_cli(args, capsys, monkeypatch)
+    assert code == 0 and path.exists()
+    spec = RunSpec.from_toml(path)
+    assert (spec.attention.kind, spec.attention.window, spec.kv_cache.layout, spec.model.kv_heads) == (
+        "local", 8, "ring", 2)
+    assert "# " in path.read_text()  # commented
+    code, _, err = run_cli(["init", "-o", str(path)], capsys, monkeypatch)
+    assert code == 2 and "exists" in err
+
+
+def test_kind_flag_selects_its_kind(tmp_path, capsys, monkeypatch):
+    path = tmp_path / "s.toml"
+    code, _, _ = run_cli(["init", "-o", str(path), "--linformer-k", "16", "--hierarchical-factors", "1,2"],
+                         capsys, monkeypatch)
+    assert code == 2  # two kinds at once
+    code, _, _ = run_cli(["init", "-o", str(path), "--linformer-k", "16"], capsys, monkeypatch)
+    assert code == 0 and RunSpec.from_toml(path).attention.k == 16
+
+
+def test_run_builds_model_and_checks_decode(tmp_path, capsys, monkeypatch):
+    out_dir = tmp_path / "out"
+    code, out, err = run_cli(["run", "-o", str(out_dir), "--family", "decoder", "--attention", "linear",
+                              "--kv-cache", "state", "--seq", "8"], capsys, monkeypatch)
+    assert code == 0, err
+    assert (out_dir / "model" / "model.safetensors").exists() and "decode_max_abs_err" in out
+    err_value = float(out.split("decode_max_abs_err=")[1].split(",")[0])
+    assert err_value <= 1e-5
+
+
+BAD = [
+    ["run", "--attention", "nope"],
+    ["run", "--family", "decoder", "--attention", "linformer"],
+    ["run", "--linformer-k", "0"],
+    ["run", "/no/such/spec.toml"],
+    ["run", "--local-window", "4", "--attention", "full"],
+    ["init", "--kv-cache", "paged"],
+]
+
+
+@pytest.mark.parametrize("args", BAD, ids=lambda a: " ".join(a))
+def test_bad_input_is_one_line_exit_2(args, capsys, monkeypatch, tmp_path):
+    code, _, err = run_cli([*args, "-o", str(tmp_path / "x")], capsys, monkeypatch)
+    assert code == 2
+    assert err.startswith("effx: error:") and err.count("\n") == 1 and "Traceback" not in err
+    assert not (tmp_path / "x").exists()
+
+
+def test_unreadable_toml_via_subprocess(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("x = [")
+    proc = subprocess.run([sys.executable, "-m", "effx", "run", str(bad)], capture_output=True, text=True)
+    assert proc.returncode == 2 and "not valid TOML" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_readme_matrix_is_the_generated_one():
+    from pathlib import Path
+
+    from effx.registry import describe
+    from effx.report_tables import compatibility_markdown
+
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    section = readme.split("<!-- compat:begin -->\n")[1].split("\n<!-- compat:end -->")[0]
+    assert section == compatibility_markdown(describe()), "regenerate the README matrix from effx.registry"
