@@ -4,6 +4,7 @@ or paths and calls one public function). EffxError becomes one line on stderr an
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -30,10 +31,10 @@ def _root(debug: bool = typer.Option(False, "--debug", help="show tracebacks ins
     _state["debug"] = debug
 
 
-def _console():
+def _console(stderr: bool = False):
     from rich.console import Console
 
-    return Console()
+    return Console(stderr=stderr)
 
 
 def resolve_spec(spec_file: Path | None, overrides: dict[str, Any]):
@@ -102,6 +103,61 @@ def run(
     spec = resolve_spec(spec_file, overrides or {})
     result = run_pipeline(spec, output, batch=batch, seq=seq, console=_console())
     typer.echo(result.summary())
+
+
+# ------------------------------------------------------------------------------------------------ export
+@app.command()
+@spec_flags
+def export(
+    spec_file: Optional[Path] = SpecArg,  # noqa: UP045 - typer reads this annotation at runtime
+    output: Path = typer.Option(..., "-o", "--output", help="output folder (written atomically)"),
+    model_dir: Optional[Path] = typer.Option(None, "--model", help="export saved weights (a model/ folder) instead of a seeded init"),  # noqa: UP045
+    opset: int = typer.Option(23, "--opset", help="ai.onnx opset (18-26); 23+ turns full attention into ONNX Attention"),
+    inline: bool = typer.Option(False, "--inline", help="plain ONNX: inline the effx functions, no custom domain"),
+    max_batch: int = typer.Option(8, "--max-batch", min=1, help="largest batch in the recorded shape ranges"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace a non-empty output folder"),
+    overrides: dict | None = None,
+) -> None:
+    """Export to ONNX: one effx node (+ standard-ONNX function) per efficient-attention layer, and manifest.json."""
+    from effx.atomic import check_output_dir
+    from effx.exporter import export_model
+    from effx.exporter.export import check_opset
+
+    check_opset(opset)
+    check_output_dir(output, overwrite)
+    model = _load_or_build(spec_file, model_dir, overrides or {})
+    with _progress("export") as say:
+        manifest = export_model(model, output, opset=opset, inline=inline, max_batch=max_batch, overwrite=overwrite,
+                                progress=say)
+    for name, g in manifest.graphs.items():
+        typer.echo(f"wrote {output / g.file} ({name}: {', '.join(i.name for i in g.inputs[:4])}"
+                   f"{', ...' if len(g.inputs) > 4 else ''} -> {', '.join(o.name for o in g.outputs[:3])}"
+                   f"{', ...' if len(g.outputs) > 3 else ''})")
+    ops = ", ".join(f"{c.count}x effx::{c.op_type}" for c in manifest.custom_ops) or "none (standard ONNX only)"
+    typer.echo(f"wrote {output / 'manifest.json'}; custom ops: {ops}")
+
+
+def _load_or_build(spec_file: Path | None, model_dir: Path | None, overrides: dict):
+    from effx.models import build_model, load_model
+
+    if model_dir is not None:
+        if spec_file is not None or overrides:
+            from effx.errors import SpecError
+
+            raise SpecError("--model loads a saved spec with its weights; drop the spec file and spec flags")
+        return load_model(model_dir)
+    return build_model(resolve_spec(spec_file, overrides))
+
+
+@contextlib.contextmanager
+def _progress(stage: str):
+    """A rich spinner whose text follows the stage's progress messages."""
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    with Progress(SpinnerColumn(), TextColumn("[bold]{task.description}"), TimeElapsedColumn(),
+                  transient=True, console=_console(stderr=True)) as progress:
+        task = progress.add_task(stage)
+        yield lambda msg: progress.update(task, description=f"{stage}: {msg}")
 
 
 def main() -> None:

@@ -8,26 +8,48 @@ new tokens against a layer's cache state. Softmax kinds (full, local, block-spar
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+from contextvars import ContextVar
 from typing import ClassVar
 
 import torch
-from effx.plugins.common import arange_positions
-from effx.plugins.paged import gather_pages, paged_key_positions
 from torch import Tensor, nn
 
 from effx.errors import EffxError
+from effx.plugins.common import arange_positions
+from effx.plugins.paged import gather_pages, paged_key_positions
 from effx.spec import RunSpec
 
 LayerState = dict[str, Tensor]
+
+# Export-time choice of the full-attention path, scoped (never a global patch): below ONNX opset 23 the
+# exporter asks for the math path, whose graph scales Q before the first MatMul.
+_ATTENTION_IMPL: ContextVar[str | None] = ContextVar("effx_attention_impl", default=None)
+
+
+@contextlib.contextmanager
+def attention_impl_override(impl: str | None) -> Iterator[None]:
+    token = _ATTENTION_IMPL.set(impl)
+    try:
+        yield
+    finally:
+        _ATTENTION_IMPL.reset(token)
+
+
+def attention_impl(default: str) -> str:
+    return _ATTENTION_IMPL.get() or default
 
 
 class StepInputs:
     """What a decode step knows besides the new tokens: positions and, for paged caches, the block table."""
 
     def __init__(
-        self, layout: str, lengths: Tensor, q_pos: Tensor, new_lengths: Tensor, block_table: Tensor | None = None
+        self, layout: str, lengths: Tensor, q_pos: Tensor, new_lengths: Tensor, block_table: Tensor | None = None,
+        fresh: bool = False,
     ):
         self.layout = layout  # the cache layout the state dicts follow
+        self.fresh = fresh  # the cache is empty (a prompt): kinds may run their whole-sequence op
         self.lengths = lengths  # (B,) tokens cached before this step
         self.q_pos = q_pos  # (B, S) absolute positions of the new tokens
         self.new_lengths = new_lengths  # (B,) real new tokens per row (paged batches may be ragged)

@@ -3,9 +3,10 @@ fixed layout of local, global and strided blocks (rules in effx.plugins.block_sp
 
 from __future__ import annotations
 
+from torch import Tensor
+
 from effx.models.attention import SoftmaxAttention
 from effx.plugins.block_sparse import block_sparse_attention
-from torch import Tensor
 
 
 class BlockSparseAttention(SoftmaxAttention):

@@ -4,9 +4,10 @@ compute the same thing; `attention.impl` picks one (export turns SDPA into ONNX 
 from __future__ import annotations
 
 import torch.nn.functional as F
-from effx.models.attention import SoftmaxAttention
-from effx.plugins.common import causal_allowed, expand_kv, softmax_attention, split_positions
 from torch import Tensor
+
+from effx.models.attention import SoftmaxAttention, attention_impl
+from effx.plugins.common import causal_allowed, expand_kv, softmax_attention, split_positions
 
 
 class FullAttention(SoftmaxAttention):
@@ -18,7 +19,7 @@ class FullAttention(SoftmaxAttention):
         self.impl = spec.attention.impl
 
     def attend_sequence(self, q, k, v, positions, key_mask):
-        if key_mask is None and self.impl == "sdpa":  # no padding: SDPA's own causal flag, no mask tensor
+        if key_mask is None and attention_impl(self.impl) == "sdpa":  # no padding: SDPA's own causal flag, no mask tensor
             n_rep = self.n_heads // self.n_kv_heads
             return F.scaled_dot_product_attention(
                 q, expand_kv(k, n_rep), expand_kv(v, n_rep), is_causal=self.causal, scale=self.scale
@@ -27,8 +28,11 @@ class FullAttention(SoftmaxAttention):
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: Tensor) -> Tensor:
         # (B,H,Nq,D) x (B,H_kv,Nk,D); allowed (B,1,Nq,Nk): a real key, and not in the future for decoders
-        allowed = causal_allowed(q_pos, k_pos) if self.causal else split_positions(q_pos, k_pos)[2]
-        if self.impl == "sdpa":
+        if self.causal:
+            allowed = causal_allowed(q_pos, k_pos)
+        else:  # padding only; spelled out over the query axis (ONNX Runtime's Attention wants (.., Nq, Nk))
+            allowed = split_positions(q_pos, k_pos)[2].expand(-1, -1, q.shape[2], -1)
+        if attention_impl(self.impl) == "sdpa":
             n_rep = self.n_heads // self.n_kv_heads
             return F.scaled_dot_product_attention(
                 q, expand_kv(k, n_rep), expand_kv(v, n_rep), attn_mask=allowed, scale=self.scale

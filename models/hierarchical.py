@@ -14,12 +14,12 @@ pooled query, and positions jf .. jf + f - 1 read that output.
 from __future__ import annotations
 
 import torch
-from effx.models.attention import AttentionBase
-from effx.plugins.common import arange_positions, causal_allowed, softmax_attention
-from effx.plugins.hourglass import hourglass_attention, pool_groups
 from torch import Tensor
 
 from effx.errors import EffxError
+from effx.models.attention import AttentionBase
+from effx.plugins.common import arange_positions, causal_allowed, softmax_attention
+from effx.plugins.hourglass import hourglass_attention, pool_groups
 
 
 def hourglass_schedule(n_layers: int, factors: list[int]) -> list[int]:
@@ -41,7 +41,8 @@ class HierarchicalAttention(AttentionBase):
 
     def attend_sequence(self, q, k, v, positions, key_mask):
         # pooled softmax attention at 1/f resolution, each position reads its group's output
-        return hourglass_attention(q, k, v, key_mask, self.factor, self.causal, self.scale)
+        k_valid = None if key_mask is None else key_mask.to(q.dtype)
+        return hourglass_attention(q, k, v, k_valid, self.factor, self.causal, self.scale)
 
     def empty_state(self, batch, cache_spec, dtype, device):
         if cache_spec.layout != "multiscale":
@@ -58,17 +59,24 @@ class HierarchicalAttention(AttentionBase):
         return state
 
     def attend_step(self, q, k, v, state, inputs):
-        if self.factor == 1:  # plain causal attention over a contiguous cache
+        f = self.factor
+        if f == 1:  # plain causal attention over a contiguous cache
             k_all, v_all = torch.cat([state["key"], k], 2), torch.cat([state["value"], v], 2)
+            if inputs.fresh:
+                return hourglass_attention(q, k, v, None, 1, True, self.scale), {"key": k_all, "value": v_all}
             k_pos = arange_positions(k.shape[0], k_all.shape[2], k.device)
             y = softmax_attention(q, k_all, v_all, causal_allowed(inputs.q_pos, k_pos), self.scale)
             return y, {"key": k_all, "value": v_all}
-        f = self.factor
         cq = torch.cat([state["tail_q"], q], 2)  # (B,H,r+S,D): unpooled tokens since the last finished group
         ck, cv = torch.cat([state["tail_k"], k], 2), torch.cat([state["tail_v"], v], 2)
         done = cq.shape[2] // f * f  # tokens of the groups finished in this step
         pooled_k = torch.cat([state["key"], pool_groups(ck[:, :, :done], f)], 2)  # (B,H_kv,J+g,D)
         pooled_v = torch.cat([state["value"], pool_groups(cv[:, :, :done], f)], 2)
+        tails = {"tail_q": cq[:, :, done:], "tail_k": ck[:, :, done:], "tail_v": cv[:, :, done:]}
+        if inputs.fresh:  # a prompt: the whole-sequence op, and the last group's output read back from it
+            y = hourglass_attention(q, k, v, None, f, True, self.scale)
+            last = (pooled_k.shape[2] - 1) * f  # position that reads the last finished group
+            return y, {"key": pooled_k, "value": pooled_v, **tails, "last_out": y[:, :, last:last + 1]}
         new_q = pool_groups(cq[:, :, :done], f)  # (B,H,g,D), pooled queries of the new groups
         j_old = state["key"].shape[2]
         b = q.shape[0]
@@ -79,6 +87,4 @@ class HierarchicalAttention(AttentionBase):
         # position p reads group p // f, which sits at index p // f - (J - 1) of outs
         idx = (inputs.q_pos // f - (j_old - 1))[:, None, :, None].expand(-1, q.shape[1], -1, q.shape[3])
         y = outs.gather(2, idx)  # (B,H,S,D)
-        new_state = {"key": pooled_k, "value": pooled_v, "tail_q": cq[:, :, done:], "tail_k": ck[:, :, done:],
-                     "tail_v": cv[:, :, done:], "last_out": outs[:, :, -1:]}
-        return y, new_state
+        return y, {"key": pooled_k, "value": pooled_v, **tails, "last_out": outs[:, :, -1:]}

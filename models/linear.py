@@ -9,11 +9,11 @@ FAVOR+ random features are drawn once from the model seed and then fixed (no red
 from __future__ import annotations
 
 import torch
-from effx.models.attention import AttentionBase
-from effx.plugins.linear import favor_projection, linear_attention, linear_attention_state
 from torch import Tensor
 
 from effx.errors import EffxError
+from effx.models.attention import AttentionBase
+from effx.plugins.linear import favor_projection, linear_attention, linear_attention_state
 
 
 class LinearAttention(AttentionBase):
@@ -32,7 +32,8 @@ class LinearAttention(AttentionBase):
 
     def attend_sequence(self, q, k, v, positions, key_mask):
         if not self.causal:
-            return linear_attention(q, k, v, key_mask, self.omega, self.feature_map, self.eps)
+            k_valid = None if key_mask is None else key_mask.to(q.dtype)
+            return linear_attention(q, k, v, k_valid, self.omega, self.feature_map, self.eps)
         y, _, _ = linear_attention_state(q, k, v, *self._zeros(q.shape[0], q), self.omega, self.feature_map, self.eps)
         return y
 

@@ -11,11 +11,11 @@ from __future__ import annotations
 import math
 
 import torch
-from effx.models.attention import AttentionBase
-from effx.plugins.linformer import linformer_attention
 from torch import Tensor, nn
 
 from effx.errors import EffxError
+from effx.models.attention import AttentionBase
+from effx.plugins.linformer import linformer_attention
 
 
 def init_projection(heads: int, k: int, n: int) -> nn.Parameter:

@@ -6,9 +6,10 @@ op's reference (effx.plugins.local); with a ring cache only the last w keys are 
 
 from __future__ import annotations
 
+from torch import Tensor
+
 from effx.models.attention import SoftmaxAttention
 from effx.plugins.local import local_attention
-from torch import Tensor
 
 
 class LocalAttention(SoftmaxAttention):

@@ -6,6 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from torch import Tensor, nn
+
+from effx.errors import ArtifactError, EffxError
 from effx.models.attention import AttentionBase, LayerState, StepInputs
 from effx.models.block_sparse import BlockSparseAttention
 from effx.models.blocks import MLP, Rotary, make_norm
@@ -23,9 +26,6 @@ from effx.models.hierarchical import HierarchicalAttention, hourglass_schedule
 from effx.models.linear import LinearAttention
 from effx.models.linformer import LinformerAttention, init_projection
 from effx.models.local import LocalAttention
-from torch import Tensor, nn
-
-from effx.errors import ArtifactError, EffxError
 from effx.spec import RunSpec
 
 ATTENTION_CLASSES: dict[str, type[AttentionBase]] = {
@@ -142,17 +142,19 @@ class EffxModel(nn.Module):
         if isinstance(cache, PagedCache):
             cache = cache.reserve(s)
             block_table = cache.block_table
-        logits, layers = self.step_tensors(input_ids, cache.lengths, new_lengths, cache.layers, block_table)
+        fresh = bool((cache.lengths == 0).all())
+        logits, layers = self.step_tensors(input_ids, cache.lengths, new_lengths, cache.layers, block_table, fresh)
         return logits, cache.replaced(cache.lengths + new_lengths, layers)
 
     def step_tensors(
         self, input_ids: Tensor, lengths: Tensor, new_lengths: Tensor, layers: list[LayerState],
-        block_table: Tensor | None = None,
+        block_table: Tensor | None = None, fresh: bool = False,
     ) -> tuple[Tensor, list[LayerState]]:
-        """The traceable core of `step` (what the exported decode graph computes)."""
+        """The traceable core of `step` (what the exported prefill and decode graphs compute); fresh=True
+        promises an empty cache."""
         b, s = input_ids.shape
         q_pos = lengths[:, None] + torch.arange(s, device=input_ids.device)[None, :]  # (B,S)
-        inputs = StepInputs(self.spec.kv_cache.layout, lengths, q_pos, new_lengths, block_table)
+        inputs = StepInputs(self.spec.kv_cache.layout, lengths, q_pos, new_lengths, block_table, fresh)
         x = self.embed_tokens(input_ids, q_pos)
         new_layers = []
         for block, state in zip(self.blocks, layers, strict=True):

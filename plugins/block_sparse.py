@@ -11,9 +11,11 @@ the layout is the same in PyTorch, ONNX and the fused kernels.
 from __future__ import annotations
 
 import torch
-from effx.plugins.common import softmax_attention, split_positions
-from effx.plugins.opspec import OpSpec, register_op
 from torch import Tensor
+
+from effx.plugins.common import softmax_attention, split_positions
+from effx.plugins.onnx_body import node_op
+from effx.plugins.opspec import OpSpec, register_op
 
 
 def block_layout_allowed(
@@ -82,3 +84,37 @@ SPEC = register_op(
         summary="softmax attention on a local + global + strided block layout",
     )
 )
+
+
+# -- ONNX ---------------------------------------------------------------------------------------------
+def _body(b, static):
+    qp, kp, valid = b.positions("q_pos", "k_pos")
+    bs, local, glob, stride = (b.attr_int(a) for a in ("block_size", "local_blocks", "global_blocks", "stride_blocks"))
+    zero = b.ints(0)
+    qb = b.op("Div", qp, bs)  # positions are >= 0, so integer Div is floor
+    kb = b.op("Div", b.op("Max", kp, zero), bs)
+    diff = b.op("Sub", qb, kb)
+    stride_on = b.op("Greater", stride, zero)
+    safe_stride = b.op("Max", stride, b.ints(1))  # Mod by 0 is undefined: the rule is off anyway
+    forward = b.op("GreaterOrEqual", diff, zero)
+    causal_rule = b.op("Or", b.op("And", forward, b.op("Less", diff, local)), b.op("And", forward, b.op("Less", kb, glob)))
+    causal_rule = b.op("Or", causal_rule, b.op("And", b.op("And", forward, stride_on),
+                                               b.op("Equal", b.op("Mod", diff, safe_stride), zero)))
+    causal_rule = b.op("And", causal_rule, b.op("LessOrEqual", kp, qp))
+    dist = b.op("Abs", diff)
+    sym_rule = b.op("Or", b.op("Less", dist, local), b.op("Or", b.op("Less", kb, glob), b.op("Less", qb, glob)))
+    sym_rule = b.op("Or", sym_rule, b.op("And", stride_on, b.op("Equal", b.op("Mod", dist, safe_stride), zero)))
+    allowed = b.op("And", valid, b.select("causal", causal_rule, sym_rule))
+    b.output(b.softmax_attention("q", "k", "v", allowed), "y")
+    return ["q", "k", "v", "q_pos", "k_pos"], ["y"]
+
+
+def _translation(q, k, v, q_pos, k_pos, block_size: int, local_blocks: int, global_blocks: int, stride_blocks: int,
+                 causal: bool, scale: float):
+    return node_op("BlockSparseAttention")(
+        q, k, v, q_pos, k_pos, block_size=block_size, local_blocks=local_blocks, global_blocks=global_blocks,
+        stride_blocks=stride_blocks, causal=int(causal), scale=scale)
+
+
+SPEC.build_body = _body
+SPEC.translation = _translation

@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from effx.plugins.common import softmax_attention
-from effx.plugins.opspec import OpSpec, register_op
 from torch import Tensor
+
+from effx.plugins.common import softmax_attention
+from effx.plugins.onnx_body import node_op
+from effx.plugins.opspec import OpSpec, register_op
 
 
 def pool_groups(x: Tensor, factor: int) -> Tensor:
@@ -70,3 +72,49 @@ SPEC = register_op(
         summary="softmax attention over f-pooled tokens, upsampled by repeat (causal: shifted by f-1)",
     )
 )
+
+
+# -- ONNX ---------------------------------------------------------------------------------------------
+# Causality changes shapes (the f - 1 shift), so it is fixed when the function is built; encoders always
+# pass k_valid, decoders never do. The factor stays an attribute: layers of one model differ in it.
+def _body(b, static):
+    causal = bool(static["causal"])
+    f = b.attr_int("factor")
+    one = b.ints(1)
+    q, k, v = "q", "k", "v"
+    if not causal:  # padding pools as zeros when f > 1 (f = 1 is plain attention)
+        m = b.op("CastLike", b.op("Unsqueeze", "k_valid", b.ints(1, 3)), "q")  # (B,1,N,1)
+        m = b.op("Max", m, b.op("CastLike", b.op("Equal", f, one), "q"))
+        q, k, v = (b.op("Mul", t, m) for t in (q, k, v))
+    n = b.dim("q", 2)
+    shift = b.op("Sub", f, one) if causal else b.ints(0)
+    groups = b.op("Div", b.op("Sub", b.op("Add", b.op("Add", n, shift), f), one), f)  # ceil((n + shift) / f)
+    right = b.op("Sub", b.op("Sub", b.op("Mul", groups, f), n), shift)
+    zeros2 = b.ints(0, 0)
+    pads = b.op("Concat", zeros2, shift, b.ints(0), zeros2, right, b.ints(0), axis=0)
+
+    def pool(t: str) -> str:  # (B,H,N,D) -> (B,H,J,D), mean over groups of f after the shift
+        padded = b.op("Pad", t, pads)
+        shape = b.op("Concat", b.dim(t, 0), b.dim(t, 1), groups, f, b.dim(t, 3), axis=0)
+        return b.op("ReduceMean", b.op("Reshape", padded, shape), b.ints(3), keepdims=0)
+
+    qc, kc, vc = pool(q), pool(k), pool(v)
+    if causal:
+        j = b.op("Range", b.scalar(0), b.op("Squeeze", groups), b.scalar(1))  # (J,)
+        allowed = b.op("LessOrEqual", b.op("Unsqueeze", j, b.ints(0)), b.op("Unsqueeze", j, b.ints(1)))  # (J,J)
+    else:
+        valid = pool(b.op("CastLike", b.op("Unsqueeze", "k_valid", b.ints(1, 3)), "q"))  # (B,1,J,1)
+        allowed = b.op("Transpose", b.op("Greater", valid, b.float_like(0.0, "q")), perm=[0, 1, 3, 2])
+    out = b.softmax_attention(qc, kc, vc, allowed)  # (B,H,J,D)
+    up_shape = b.op("Concat", b.dim(out, 0), b.dim(out, 1), groups, f, b.dim(out, 3), axis=0)
+    up = b.op("Expand", b.op("Unsqueeze", out, b.ints(3)), up_shape)  # position p <- group p // f
+    flat = b.op("Reshape", up, b.op("Concat", b.dim(out, 0), b.dim(out, 1), b.ints(-1), b.dim(out, 3), axis=0))
+    b.output(b.op("Slice", flat, b.ints(0), n, b.ints(2)), "y")
+    return ["q", "k", "v", "k_valid"], ["y"]
+
+
+def _translation(q, k, v, k_valid, factor: int, causal: bool, scale: float):
+    return node_op("HourglassAttention")(q, k, v, k_valid, factor=factor, causal=int(causal), scale=scale)
+
+
+SPEC.build_body, SPEC.translation, SPEC.structural = _body, _translation, ("causal",)

@@ -18,9 +18,11 @@ import math
 
 import torch
 import torch.nn.functional as F
-from effx.plugins.common import expand_kv
-from effx.plugins.opspec import OpSpec, register_op
 from torch import Tensor
+
+from effx.plugins.common import expand_kv
+from effx.plugins.onnx_body import node_op
+from effx.plugins.opspec import OpSpec, register_op
 
 
 def favor_projection(nb_features: int, dim: int, generator: torch.Generator) -> Tensor:
@@ -129,3 +131,52 @@ STATE_SPEC = register_op(
         summary="causal linear attention from a recurrent state (prefix sums); returns the new state",
     )
 )
+
+
+# -- ONNX ---------------------------------------------------------------------------------------------
+# The feature map changes the body's structure, so it is fixed when the function is built (one model uses
+# one feature map); the node keeps it as an attribute for plugins.
+def _body(b, static):
+    kind = static["feature_map"]
+    phi_q = b.feature_map("q", kind, is_query=True)  # (B,H,N,m)
+    mask = b.op("Unsqueeze", "k_valid", b.ints(1, 3))  # (B,1,N,1)
+    phi_k = b.op("Mul", b.feature_map("k", kind, is_query=False), mask)  # (B,H_kv,N,m)
+    kv = b.expand_kv(b.op("MatMul", b.op("Transpose", phi_k, perm=[0, 1, 3, 2]), "v"), "q")  # (B,H,m,D)
+    z = b.expand_kv(b.op("ReduceSum", phi_k, b.ints(2), keepdims=1), "q")  # (B,H,1,m)
+    den = b.op("Add", b.op("ReduceSum", b.op("Mul", phi_q, z), b.ints(-1), keepdims=1), b.attr_float_like("eps", "q"))
+    b.output(b.op("Div", b.op("MatMul", phi_q, kv), den), "y")
+    return ["q", "k", "v", "k_valid", "omega"], ["y"]
+
+
+def _state_body(b, static):
+    kind = static["feature_map"]
+    phi_q = b.feature_map("q", kind, is_query=True)  # (B,H,N,m)
+    phi_k = b.feature_map("k", kind, is_query=False)  # (B,H_kv,N,m)
+    outer = b.op("Mul", b.op("Unsqueeze", phi_k, b.ints(-1)), b.op("Unsqueeze", "v", b.ints(-2)))  # (B,H_kv,N,m,D)
+    s = b.op("Add", b.op("Unsqueeze", "s0", b.ints(2)), b.op("CumSum", outer, b.ints(2)))  # S_i
+    z = b.op("Add", b.op("Unsqueeze", "z0", b.ints(2)), b.op("CumSum", phi_k, b.ints(2)))  # z_i (B,H_kv,N,m)
+    # expand the per-KV-head prefix states to the query heads (flatten m x D to reuse the 4-D expansion)
+    flat = b.op("Reshape", s, b.op("Concat", b.op("Shape", s, end=3), b.ints(-1), axis=0))
+    s_q = b.op("Reshape", b.expand_kv(flat, "q"),
+               b.op("Concat", b.op("Shape", "q", end=3), b.op("Shape", s, start=3), axis=0))  # (B,H,N,m,D)
+    num = b.op("Squeeze", b.op("MatMul", b.op("Unsqueeze", phi_q, b.ints(-2)), s_q), b.ints(-2))  # (B,H,N,D)
+    den = b.op("Add", b.op("ReduceSum", b.op("Mul", phi_q, b.expand_kv(z, "q")), b.ints(-1), keepdims=1),
+               b.attr_float_like("eps", "q"))
+    b.output(b.op("Div", num, den), "y")
+    last = b.ints(-1)
+    big = b.ints(2**62)
+    b.output(b.op("Squeeze", b.op("Slice", s, last, big, b.ints(2)), b.ints(2)), "s")
+    b.output(b.op("Squeeze", b.op("Slice", z, last, big, b.ints(2)), b.ints(2)), "z")
+    return ["q", "k", "v", "s0", "z0", "omega"], ["y", "s", "z"]
+
+
+def _translation(q, k, v, k_valid, omega, feature_map_kind: str, eps: float):
+    return node_op("LinearAttention")(q, k, v, k_valid, omega, feature_map=feature_map_kind, eps=eps)
+
+
+def _state_translation(q, k, v, s0, z0, omega, feature_map_kind: str, eps: float):
+    return node_op("LinearAttentionState")(q, k, v, s0, z0, omega, feature_map=feature_map_kind, eps=eps)
+
+
+SPEC.build_body, SPEC.translation, SPEC.structural = _body, _translation, ("feature_map",)
+STATE_SPEC.build_body, STATE_SPEC.translation, STATE_SPEC.structural = _state_body, _state_translation, ("feature_map",)

@@ -8,9 +8,11 @@ than max_seq_len, and zeroes padded key/value rows so padding adds nothing to th
 from __future__ import annotations
 
 import torch
-from effx.plugins.common import softmax_attention
-from effx.plugins.opspec import OpSpec, register_op
 from torch import Tensor
+
+from effx.plugins.common import softmax_attention
+from effx.plugins.onnx_body import node_op
+from effx.plugins.opspec import OpSpec, register_op
 
 
 def linformer_attention_reference(q: Tensor, k: Tensor, v: Tensor, e: Tensor, f: Tensor, scale: float) -> Tensor:
@@ -42,3 +44,19 @@ SPEC = register_op(
         summary="softmax(Q (E K)^T * scale) (F V) with sequence projections E, F",
     )
 )
+
+
+# -- ONNX ---------------------------------------------------------------------------------------------
+def _body(b, static):
+    k_proj = b.op("MatMul", "e", "k")  # (H|1,k,N) @ (B,H,N,D) -> (B,H,k,D)
+    v_proj = b.op("MatMul", "f", "v")
+    b.output(b.softmax_attention("q", k_proj, v_proj, None), "y")
+    return ["q", "k", "v", "e", "f"], ["y"]
+
+
+def _translation(q, k, v, e, f, scale: float):
+    return node_op("LinformerAttention")(q, k, v, e, f, scale=scale)
+
+
+SPEC.build_body = _body
+SPEC.translation = _translation

@@ -7,9 +7,11 @@ the Mistral/xformers convention). Symmetric (encoders): |i - j| < window.
 from __future__ import annotations
 
 import torch
-from effx.plugins.common import softmax_attention, split_positions
-from effx.plugins.opspec import OpSpec, register_op
 from torch import Tensor
+
+from effx.plugins.common import softmax_attention, split_positions
+from effx.plugins.onnx_body import node_op
+from effx.plugins.opspec import OpSpec, register_op
 
 
 def local_allowed(q_pos: Tensor, k_pos: Tensor, window: int, causal: bool) -> Tensor:
@@ -49,3 +51,19 @@ SPEC = register_op(
         summary="sliding-window softmax attention over absolute positions",
     )
 )
+
+
+# -- ONNX ---------------------------------------------------------------------------------------------
+def _body(b, static):
+    qp, kp, valid = b.positions("q_pos", "k_pos")
+    allowed = b.local_mask(qp, kp, valid, b.attr_int("window"))
+    b.output(b.softmax_attention("q", "k", "v", allowed), "y")
+    return ["q", "k", "v", "q_pos", "k_pos"], ["y"]
+
+
+def _translation(q, k, v, q_pos, k_pos, window: int, causal: bool, scale: float):
+    return node_op("LocalAttention")(q, k, v, q_pos, k_pos, window=window, causal=int(causal), scale=scale)
+
+
+SPEC.build_body = _body
+SPEC.translation = _translation

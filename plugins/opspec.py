@@ -25,7 +25,11 @@ class OpSpec:
     attributes: dict[str, type]  # non-tensor arguments in order, with their python type (int, float, str, bool)
     reference: Callable[..., Any]  # the readable math (same signature as the torch op)
     summary: str
-    onnx_function: Callable[..., Any] | None = None  # (opset) -> onnxscript OnnxFunction; set by the op module
+    # ONNX side: build_body(body, static) -> (input names, output names) in standard ONNX; `static` holds the
+    # attribute values that shape the body (`structural`), equal on every node of the op in one model
+    build_body: Callable[..., tuple[list[str], list[str]]] | None = None
+    structural: tuple[str, ...] = ()
+    translation: Callable[..., Any] | None = None  # torch.onnx custom translation emitting the bare node
     kernels: dict[str, Callable[..., Any]] = field(default_factory=dict)  # fused kernels by device kind
 
     @property

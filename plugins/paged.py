@@ -10,10 +10,12 @@ the last `window` keys (sliding window); 0 means full causal attention.
 from __future__ import annotations
 
 import torch
+from torch import Tensor
+
 from effx.plugins.common import softmax_attention
 from effx.plugins.local import local_allowed
+from effx.plugins.onnx_body import node_op
 from effx.plugins.opspec import OpSpec, register_op
-from torch import Tensor
 
 
 def gather_pages(pool: Tensor, block_table: Tensor) -> Tensor:
@@ -66,3 +68,30 @@ SPEC = register_op(
         summary="causal (optionally windowed) attention over a paged KV block pool",
     )
 )
+
+
+# -- ONNX ---------------------------------------------------------------------------------------------
+def _body(b, static):
+    def pages(pool: str) -> str:  # (NB,bs,H_kv,D) x (B,MB) -> (B,H_kv,MB*bs,D)
+        rows = b.op("Gather", pool, b.op("Reshape", "block_table", b.ints(-1)), axis=0)
+        shape = b.op("Concat", b.dim("block_table", 0), b.ints(-1), b.dim(pool, 2), b.dim(pool, 3), axis=0)
+        return b.op("Transpose", b.op("Reshape", rows, shape), perm=[0, 2, 1, 3])
+
+    k, v = pages("k_pool"), pages("v_pool")
+    length = b.dim(k, 2)
+    pos = b.op("Range", b.scalar(0), b.op("Squeeze", length), b.scalar(1))  # (L,)
+    pos = b.op("Unsqueeze", pos, b.ints(0))  # (1,L)
+    filled = b.op("Less", pos, b.op("Unsqueeze", "seq_lens", b.ints(1)))  # (B,L)
+    k_pos = b.op("Where", filled, pos, b.ints(-1))
+    qp, kp, valid = b.positions("q_pos", k_pos)
+    w = b.attr_int("window")
+    w = b.op("Where", b.op("Equal", w, b.ints(0)), b.op("Add", length, b.ints(1)), w)  # 0: no window
+    b.output(b.softmax_attention("q", k, v, b.local_mask(qp, kp, valid, w, causal_attr=None)), "y")
+    return ["q", "k_pool", "v_pool", "block_table", "q_pos", "seq_lens"], ["y"]
+
+
+def _translation(q, k_pool, v_pool, block_table, q_pos, seq_lens, window: int, scale: float):
+    return node_op("PagedAttention")(q, k_pool, v_pool, block_table, q_pos, seq_lens, window=window, scale=scale)
+
+
+SPEC.build_body, SPEC.translation = _body, _translation

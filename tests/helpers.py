@@ -28,7 +28,10 @@ ENCODER_CASES = [
 
 
 def case_id(case) -> str:
-    return "-".join(str(c) for c in case[:2]) + ("-" + "-".join(f"{k}{v}" for k, v in case[2].items()) if len(case) > 2 and case[2] else "")
+    """Readable test id: kind[-layout][-param value...]."""
+    names = [c for c in case if isinstance(c, str)]
+    params = [f"{k}{v}" for c in case if isinstance(c, dict) for k, v in c.items()]
+    return "-".join(names + params)
 
 
 def decoder_spec(kind, layout, attention=None, cache=None, **model) -> RunSpec:

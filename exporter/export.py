@@ -1,0 +1,90 @@
+"""`effx export`: model -> ONNX graph(s) + manifest.json, written atomically."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+
+import onnx
+
+from effx.atomic import atomic_dir
+from effx.errors import SpecError
+from effx.exporter import onnx_export as ox
+from effx.exporter.cache_plan import cache_plan
+from effx.exporter.graphs import plan_graphs
+from effx.manifest import CustomOp, DimRange, GraphSpec, Manifest, TensorSpec
+from effx.models.transformer import EffxModel
+from effx.plugins.opspec import DOMAIN
+
+DEFAULT_OPSET = 23
+
+_DTYPES = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "float16", onnx.TensorProto.BFLOAT16: "bfloat16",
+           onnx.TensorProto.INT64: "int64", onnx.TensorProto.INT32: "int32", onnx.TensorProto.BOOL: "bool"}
+
+
+def check_opset(opset: int) -> None:
+    if not ox.MIN_OPSET <= opset <= ox.MAX_OPSET:
+        raise SpecError(
+            f"--opset {opset} is out of range: effx function bodies need ai.onnx >= {ox.MIN_OPSET} and ONNX Runtime "
+            f"1.31 runs <= {ox.MAX_OPSET}; full attention becomes the ONNX Attention op from {ox.ATTENTION_OPSET}"
+        )
+
+
+def export_model(
+    model: EffxModel, out_dir: str | Path, opset: int = DEFAULT_OPSET, inline: bool = False,
+    max_batch: int = 8, overwrite: bool = False, progress: Callable[[str], None] | None = None,
+) -> Manifest:
+    """Export `model` to `out_dir`: model.onnx (encoders, decoders without cache) or prefill.onnx + decode.onnx,
+    and manifest.json. Nothing is left at out_dir if anything fails."""
+    import torch
+
+    check_opset(opset)
+    say = progress or (lambda _msg: None)
+    plans = plan_graphs(model.eval(), max_batch=max_batch)
+    graphs: dict[str, GraphSpec] = {}
+    counts: Counter = Counter()
+    with atomic_dir(Path(out_dir), overwrite=overwrite) as tmp, torch.no_grad():
+        for plan in plans:
+            say(f"exporting {plan.name}.onnx")
+            proto = ox.export_graph(plan, opset)
+            counts.update(ox.custom_op_counts(proto))
+            if inline:
+                proto = ox.inline(proto)
+            ox.save_model(proto, tmp / f"{plan.name}.onnx")
+            graphs[plan.name] = GraphSpec(
+                file=f"{plan.name}.onnx", role=plan.role, inputs=_tensors(proto.graph.input),
+                outputs=_tensors(proto.graph.output),
+                dims={name: DimRange(min=a, opt=b, max=c) for name, (a, b, c) in plan.dim_ranges.items()},
+            )
+        say("writing manifest.json")
+        manifest = Manifest(
+            stage="onnx", family=model.spec.model.family, versions=_versions(), spec=model.spec.to_dict(),
+            opsets={"": opset} | ({} if inline or not counts else {DOMAIN: 1}), ir_version=ox.IR_VERSION,
+            custom_ops=[] if inline else [CustomOp(domain=DOMAIN, op_type=op, version=1, count=n,
+                                                   trt_plugin=f"{DOMAIN}::{op}") for op, n in sorted(counts.items())],
+            graphs=graphs, kv_cache=cache_plan(model),
+        )
+        manifest.hash_files(tmp)
+        manifest.write(tmp)
+    return manifest
+
+
+def _tensors(values) -> list[TensorSpec]:
+    out = []
+    for v in values:
+        t = v.type.tensor_type
+        shape = [d.dim_param if d.dim_param else d.dim_value for d in t.shape.dim]
+        out.append(TensorSpec(name=v.name, dtype=_DTYPES.get(t.elem_type, str(t.elem_type)), shape=shape))
+    return out
+
+
+def _versions() -> dict[str, str]:
+    import onnxruntime
+    import onnxscript
+    import torch
+
+    import effx
+
+    return {"effx": effx.__version__, "torch": torch.__version__.split("+")[0], "onnx": onnx.__version__,
+            "onnxscript": onnxscript.__version__, "onnxruntime": onnxruntime.__version__}

@@ -1,0 +1,203 @@
+"""The graphs a model exports to: what each takes, returns, and which dimensions are dynamic.
+
+Encoders: one graph, (input_ids, attention_mask) -> last_hidden_state.
+Decoders: a prefill graph (a prompt on an empty cache) and a decode-step graph (new tokens against the
+cache), both returning logits and the cache after the step as `present.{i}.{name}`; the decode graph takes
+the cache as `past.{i}.{name}`. Both are the model's own `step_tensors`, so they are the reference math.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+from torch.export import Dim
+
+from effx.models.attention import LayerState
+from effx.models.transformer import EffxModel
+
+EXAMPLE_BATCH = 2  # examples of 1 get silently fixed to 1 by the exporter: use >= 2
+EXAMPLE_SEQ = 3
+EXAMPLE_PAST = 5
+
+
+@dataclass
+class GraphPlan:
+    name: str  # file stem and manifest key
+    role: str  # encoder | prefill | decode
+    module: nn.Module
+    args: tuple[Tensor, ...]
+    input_names: list[str]
+    output_names: list[str]
+    dynamic_shapes: tuple
+    dim_ranges: dict[str, tuple[int, int, int]] = field(default_factory=dict)  # name -> (min, opt, max)
+    varargs: bool = False  # module.forward(*args)
+
+
+def state_names(model: EffxModel) -> list[list[str]]:
+    """Per layer, the names of its cache tensors (the layout fixes them)."""
+    cache = model.empty_cache(1)
+    return [list(layer) for layer in cache.layers]
+
+
+class EncoderGraph(nn.Module):
+    def __init__(self, model: EffxModel):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        return self.model(input_ids, attention_mask)
+
+
+class StepGraph(nn.Module):
+    """Decoder step with flat tensor I/O. prefill=True starts from an empty cache made inside the graph
+    (paged caches still take the shared block pool, which the host owns)."""
+
+    def __init__(self, model: EffxModel, prefill: bool):
+        super().__init__()
+        self.model, self.prefill = model, prefill
+        self.layout = model.spec.kv_cache.layout
+        self.names = state_names(model)
+
+    def forward(self, *args: Tensor):
+        args = list(args)
+        input_ids = args.pop(0)
+        batch, seq = input_ids.shape
+        if self.prefill:
+            lengths = torch.zeros_like(input_ids[:, 0])
+        else:
+            lengths = args.pop(0)
+        if self.layout == "paged":
+            new_lengths, block_table = args.pop(0), args.pop(0)
+        else:
+            new_lengths, block_table = torch.full_like(input_ids[:, 0], seq), None
+        if self.prefill and self.layout != "paged":
+            layers = self.model.empty_cache(1).layers  # shapes per layer; batch follows the input
+            layers = [{k: _like_batch(t, input_ids) for k, t in layer.items()} for layer in layers]
+        else:
+            layers = []
+            for names in self.names:
+                layers.append({n: args.pop(0) for n in names})
+        logits, new_layers = self.model.step_tensors(input_ids, lengths, new_lengths, layers, block_table,
+                                                     fresh=self.prefill)
+        return (logits, *[t for layer in new_layers for t in layer.values()])
+
+
+def _like_batch(t: Tensor, input_ids: Tensor) -> Tensor:
+    """An empty-cache tensor with the batch size of input_ids (batch-free shapes, e.g. pools, stay)."""
+    return t.new_zeros((input_ids.shape[0], *t.shape[1:]))
+
+
+def plan_graphs(model: EffxModel, max_batch: int = 8) -> list[GraphPlan]:
+    spec = model.spec
+    max_seq = spec.model.max_seq_len
+    batch = Dim("batch", min=1, max=max(max_batch, EXAMPLE_BATCH))
+    seq = Dim("sequence", min=1, max=max_seq)
+    batch_range = (1, 1, max(max_batch, EXAMPLE_BATCH))
+    seq_range = (1, min(128, max_seq), max_seq)
+    g = torch.Generator().manual_seed(spec.model.seed)
+    ids = torch.randint(0, spec.model.vocab_size, (EXAMPLE_BATCH, EXAMPLE_SEQ + EXAMPLE_PAST), generator=g)
+    if spec.model.family == "encoder":
+        mask = torch.ones_like(ids)
+        mask[1, -2:] = 0  # an example with padding, so the mask path is traced
+        return [GraphPlan("model", "encoder", EncoderGraph(model), (ids, mask), ["input_ids", "attention_mask"],
+                          ["last_hidden_state"], ({0: batch, 1: seq}, {0: batch, 1: seq}),
+                          {"batch": batch_range, "sequence": seq_range})]
+    if spec.kv_cache.layout == "none":
+        return [GraphPlan("model", "prefill", _LogitsOnly(model), (ids,), ["input_ids"], ["logits"],
+                          ({0: batch, 1: seq},), {"batch": batch_range, "sequence": seq_range})]
+    return [_prefill_plan(model, ids, batch, seq, batch_range, seq_range),
+            _decode_plan(model, ids, batch, seq, batch_range, seq_range)]
+
+
+class _LogitsOnly(nn.Module):
+    def __init__(self, model: EffxModel):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: Tensor) -> Tensor:
+        return self.model(input_ids)
+
+
+def _flat(layers: list[LayerState], prefix: str) -> tuple[list[Tensor], list[str]]:
+    tensors, names = [], []
+    for i, layer in enumerate(layers):
+        for name, t in layer.items():
+            tensors.append(t)
+            names.append(f"{prefix}.{i}.{name}")
+    return tensors, names
+
+
+def _state_dims(model: EffxModel, batch: Dim) -> list[dict[int, Dim]]:
+    """Dynamic axes of each cache tensor: batch (not for pools), and the lengths that grow per layer."""
+    layout = model.spec.kv_cache.layout
+    past = Dim("past_sequence", min=0, max=model.spec.model.max_seq_len)
+    dims = []
+    for i, layer in enumerate(model.empty_cache(1).layers):
+        groups = Dim(f"past_groups_{i}", min=0, max=model.spec.model.max_seq_len)
+        tail = Dim(f"tail_{i}", min=0, max=model.spec.model.max_seq_len)
+        for name in layer:
+            if layout == "paged":
+                dims.append({})
+            elif layout == "contiguous" or (layout == "multiscale" and name in ("key", "value") and
+                                             len(layer) == 2):
+                dims.append({0: batch, 2: past})
+            elif layout == "multiscale" and name in ("key", "value"):
+                dims.append({0: batch, 2: groups})
+            elif layout == "multiscale" and name.startswith("tail_"):
+                dims.append({0: batch, 2: tail})
+            else:
+                dims.append({0: batch})
+    return dims
+
+
+def _example_cache(model: EffxModel, ids: Tensor):
+    cache = model.empty_cache(ids.shape[0])
+    with torch.no_grad():
+        _, cache = model.step(ids[:, :EXAMPLE_PAST], cache)
+    return cache
+
+
+def _prefill_plan(model, ids, batch, seq, batch_range, seq_range) -> GraphPlan:
+    layout = model.spec.kv_cache.layout
+    prompt = ids[:, :EXAMPLE_SEQ]
+    args: list[Tensor] = [prompt]
+    names = ["input_ids"]
+    dyn: list = [{0: batch, 1: seq}]
+    empty = model.empty_cache(ids.shape[0])
+    if layout == "paged":
+        empty = empty.reserve(EXAMPLE_SEQ)
+        args += [torch.full((ids.shape[0],), EXAMPLE_SEQ, dtype=torch.int64), empty.block_table]
+        names += ["new_lengths", "block_table"]
+        dyn += [{0: batch}, {0: batch}]
+        pools, pool_names = _flat(empty.layers, "past")
+        args += pools
+        names += pool_names
+        dyn += [{} for _ in pools]
+    _, out_names = _flat(empty.layers, "present")
+    return GraphPlan("prefill", "prefill", StepGraph(model, prefill=True), tuple(args), names,
+                     ["logits", *out_names], tuple(dyn), {"batch": batch_range, "sequence": seq_range}, varargs=True)
+
+
+def _decode_plan(model, ids, batch, seq, batch_range, seq_range) -> GraphPlan:
+    layout = model.spec.kv_cache.layout
+    cache = _example_cache(model, ids)
+    new = ids[:, EXAMPLE_PAST:EXAMPLE_PAST + EXAMPLE_SEQ]
+    args: list[Tensor] = [new, cache.lengths.clone()]
+    names = ["input_ids", "past_lengths"]
+    dyn: list = [{0: batch, 1: seq}, {0: batch}]
+    if layout == "paged":
+        cache = cache.reserve(EXAMPLE_SEQ)
+        args += [torch.full((ids.shape[0],), EXAMPLE_SEQ, dtype=torch.int64), cache.block_table]
+        names += ["new_lengths", "block_table"]
+        dyn += [{0: batch}, {0: batch}]
+    states, state_names_ = _flat(cache.layers, "past")
+    args += [t.clone() for t in states]
+    names += state_names_
+    dyn += _state_dims(model, batch)
+    _, out_names = _flat(cache.layers, "present")
+    max_seq = model.spec.model.max_seq_len
+    ranges = {"batch": batch_range, "sequence": (1, 1, max_seq), "past_sequence": (0, min(128, max_seq), max_seq)}
+    return GraphPlan("decode", "decode", StepGraph(model, prefill=False), tuple(args), names,
+                     ["logits", *out_names], tuple(dyn), ranges, varargs=True)

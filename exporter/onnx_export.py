@@ -1,0 +1,154 @@
+"""torch -> ONNX for one graph: effx ops become bare `effx::<Op>` nodes, and their model-local functions
+(standard ONNX bodies) are attached after export, since torch.onnx always inlines functions it sees."""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections import Counter
+from pathlib import Path
+
+import onnx
+
+from effx.errors import EffxError
+from effx.exporter.graphs import GraphPlan
+from effx.plugins import OPS
+from effx.plugins.onnx_body import Body, make_function
+from effx.plugins.opspec import DOMAIN
+
+MIN_OPSET = 18  # function bodies use ReduceMean/ReduceMax with axes inputs (opset 18)
+MAX_OPSET = 26  # the newest ai.onnx opset ONNX Runtime 1.31 runs
+ATTENTION_OPSET = 23  # ONNX Attention
+IR_VERSION = 10  # what torch writes; ONNX Runtime 1.31 reads <= 13
+TWO_GB = 2**31
+
+
+class ExportError(EffxError):
+    """The exporter produced something effx cannot stand behind."""
+
+
+def translation_table() -> dict:
+
+    table = {}
+    for spec in OPS.values():
+        overload = spec.torch_op._opoverload
+        table[overload] = spec.translation
+    return table
+
+
+def export_graph(plan: GraphPlan, opset: int) -> onnx.ModelProto:
+    """Export one graph and attach the effx functions; returns a checked ModelProto."""
+    import torch
+
+    from effx.models.attention import attention_impl_override
+
+    # below opset 23 SDPA would decompose with sqrt-scaled Q and K; the math path scales Q alone
+    impl = None if opset >= ATTENTION_OPSET else "math"
+    # a module taking *args gets its dynamic shapes as one entry for the varargs
+    dynamic_shapes = (plan.dynamic_shapes,) if plan.varargs else plan.dynamic_shapes
+    with warnings.catch_warnings(), attention_impl_override(impl), _quiet_exporter():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            plan.module, plan.args, dynamo=True, opset_version=opset, input_names=plan.input_names,
+            output_names=plan.output_names, dynamic_shapes=dynamic_shapes,
+            custom_translation_table=translation_table(), optimize=False, verbose=False, report=False,
+        )
+    model = program.model_proto
+    # intermediate shapes carry the exporter's symbolic expressions (Min/Max of floor divisions for pooled
+    # caches); ONNX Runtime plans buffer reuse from equal dim names and can trip on them: let it infer its own
+    del model.graph.value_info[:]
+    attach_functions(model, opset)
+    model.ir_version = min(model.ir_version, IR_VERSION)
+    check_dims(model, plan)
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+@contextlib.contextmanager
+def _quiet_exporter():
+    import logging
+
+    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._export", "onnxscript")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
+
+
+def attach_functions(model: onnx.ModelProto, opset: int) -> None:
+    """Add one model-local function per effx op used, built for this model's ai.onnx opset."""
+    nodes = [n for n in _all_nodes(model.graph) if n.domain == DOMAIN]
+    for op_type in sorted({n.op_type for n in nodes}):
+        spec = OPS[op_type]
+        static = {}
+        for name in spec.structural:
+            values = {_attr_value(n, name) for n in nodes if n.op_type == op_type}
+            if len(values) != 1:
+                raise ExportError(f"{op_type} nodes disagree on {name} ({sorted(values)}); one model uses one value")
+            static[name] = values.pop()
+        body = Body(op_type.lower())
+        inputs, outputs = spec.build_body(body, static)
+        model.functions.append(make_function(spec, opset, body, inputs, outputs))
+    if nodes and not any(o.domain == DOMAIN for o in model.opset_import):
+        model.opset_import.append(onnx.helper.make_opsetid(DOMAIN, 1))
+
+
+def _attr_value(node: onnx.NodeProto, name: str):
+    for a in node.attribute:
+        if a.name == name:
+            value = onnx.helper.get_attribute_value(a)
+            return value.decode() if isinstance(value, bytes) else value
+    raise ExportError(f"{node.op_type} node {node.name} has no attribute {name}")
+
+
+def _all_nodes(graph: onnx.GraphProto):
+    for node in graph.node:
+        yield node
+        for a in node.attribute:
+            if a.type == onnx.AttributeProto.GRAPH:
+                yield from _all_nodes(a.g)
+
+
+def custom_op_counts(model: onnx.ModelProto) -> Counter:
+    return Counter(n.op_type for n in _all_nodes(model.graph) if n.domain == DOMAIN)
+
+
+def inline(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Plain-ONNX variant: every local function inlined, no custom domain left."""
+    import onnx.inliner
+
+    flat = onnx.inliner.inline_local_functions(model)
+    del flat.functions[:]
+    keep = [o for o in flat.opset_import if o.domain != DOMAIN]
+    del flat.opset_import[:]
+    flat.opset_import.extend(keep)
+    onnx.checker.check_model(flat, full_check=True)
+    return flat
+
+
+def check_dims(model: onnx.ModelProto, plan: GraphPlan) -> None:
+    """The exporter can silently fix a dynamic dim to its example value: refuse such a graph."""
+    by_name = {i.name: i for i in model.graph.input}
+    for name, dims in zip(plan.input_names, plan.dynamic_shapes, strict=True):
+        shape = by_name[name].type.tensor_type.shape.dim
+        for axis in dims:
+            if not shape[axis].dim_param:
+                raise ExportError(
+                    f"{plan.name}.onnx input {name} axis {axis} came out fixed at {shape[axis].dim_value}; "
+                    "the exporter specialised a dynamic dimension (report this with the spec)"
+                )
+
+
+def save_model(model: onnx.ModelProto, path: Path) -> list[Path]:
+    """Write the model; weights go to external data when the file would pass protobuf's 2 GB limit."""
+    if model.ByteSize() < TWO_GB:
+        onnx.save_model(model, str(path))
+        return [path]
+    data = path.with_suffix(".onnx.data")
+    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=data.name, size_threshold=1024)
+    return [path, data]

@@ -1,0 +1,49 @@
+"""Running exported folders in ONNX Runtime the way a host would (feeding the cache plan)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from effx.manifest import Manifest
+
+
+def session(path: Path) -> ort.InferenceSession:
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def decode_in_ort(folder: Path, manifest: Manifest, ids: np.ndarray, prompt: int, block_table: np.ndarray | None = None):
+    """Prefill `prompt` tokens, then decode the rest one by one; returns logits (B, N, V)."""
+    prefill = session(folder / manifest.graphs["prefill"].file)
+    decode = session(folder / manifest.graphs["decode"].file)
+    batch, n = ids.shape
+    plan = manifest.kv_cache
+    feed = {"input_ids": ids[:, :prompt]}
+    if plan.layout == "paged":
+        feed |= {"new_lengths": np.full(batch, prompt, np.int64), "block_table": block_table}
+        feed |= {t.input: np.zeros(t.shape, np.float32) for t in plan.tensors}
+    names = [o.name for o in prefill.get_outputs()]
+    outs = prefill.run(None, feed)
+    logits = [outs[0]]
+    state = {n.replace("present.", "past.", 1): v for n, v in zip(names[1:], outs[1:], strict=True)}
+    for t in range(prompt, n):
+        feed = {"input_ids": ids[:, t:t + 1], "past_lengths": np.full(batch, t, np.int64)} | state
+        if plan.layout == "paged":
+            feed |= {"new_lengths": np.ones(batch, np.int64), "block_table": block_table}
+        outs = decode.run(None, feed)
+        logits.append(outs[0])
+        state = {n.replace("present.", "past.", 1): v for n, v in zip(names[1:], outs[1:], strict=True)}
+    return np.concatenate(logits, axis=1)
+
+
+def empty_cache_feed(manifest: Manifest, batch: int) -> dict[str, np.ndarray]:
+    """Cache tensors before the first step, from the manifest's shapes."""
+    feed = {}
+    for t in manifest.kv_cache.tensors:
+        shape = [batch if d == "batch" else d for d in t.shape]
+        feed[t.input] = np.zeros(shape, np.float32)
+    return feed

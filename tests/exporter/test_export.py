@@ -1,0 +1,166 @@
+"""Export -> onnx.checker (full) -> ONNX Runtime CPU equals PyTorch (fp32, <= 1e-4)."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from effx.exporter import export_model
+from effx.manifest import Manifest, sha256_file
+from effx.models import build_model
+from tests.exporter.ort_helpers import decode_in_ort, empty_cache_feed, session
+from tests.helpers import DECODER_CASES, ENCODER_CASES, case_id, decoder_spec, encoder_spec
+
+TOL = 1e-4
+_EXPORTS: dict = {}
+
+
+def exported(tmp_path_factory, key, spec, **kw):
+    """Export once per spec for the whole session (exports are the slow part)."""
+    if key not in _EXPORTS:
+        model = build_model(spec)
+        out = tmp_path_factory.mktemp("onnx") / "out"
+        _EXPORTS[key] = (model, out, export_model(model, out, **kw))
+    return _EXPORTS[key]
+
+
+def _effx_nodes(path):
+    m = onnx.load(str(path))
+    return [n for n in m.graph.node if n.domain == "effx"], m
+
+
+@pytest.mark.parametrize("case", ENCODER_CASES, ids=case_id)
+def test_encoder_matches_pytorch(case, tmp_path_factory):
+    kind, attention = case
+    layers = 3 if kind == "hierarchical" else 2
+    spec = encoder_spec(kind, attention, n_layers=layers)
+    model, out, manifest = exported(tmp_path_factory, ("enc", case_id(case)), spec)
+    path = out / "model.onnx"
+    onnx.checker.check_model(str(path), full_check=True)
+    nodes, proto = _effx_nodes(path)
+    expected = {"full": None, "linformer": "LinformerAttention", "local": "LocalAttention",
+                "block_sparse": "BlockSparseAttention", "linear": "LinearAttention",
+                "hierarchical": "HourglassAttention"}[kind]
+    if expected is None:
+        assert nodes == [] and [n.op_type for n in proto.graph.node].count("Attention") == layers
+    else:
+        assert [n.op_type for n in nodes] == [expected] * layers  # one per layer
+        assert [f.name for f in proto.functions] == [expected] and proto.functions[0].domain == "effx"
+    dims = [[d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in proto.graph.input]
+    assert dims == [["batch", "sequence"], ["batch", "sequence"]]
+    sess = session(path)
+    for batch, n in [(1, 9), (3, 20)]:
+        g = torch.Generator().manual_seed(n)
+        ids = torch.randint(0, spec.model.vocab_size, (batch, n), generator=g)
+        mask = torch.ones(batch, n, dtype=torch.int64)
+        mask[-1, n - 3:] = 0  # a padded row
+        with torch.no_grad():
+            ref = model(ids, mask).numpy()
+        got = sess.run(None, {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})[0]
+        assert np.abs(got - ref).max() <= TOL, (batch, n)
+
+
+@pytest.mark.parametrize("case", DECODER_CASES, ids=case_id)
+def test_decoder_prefill_then_decode_matches_pytorch(case, tmp_path_factory):
+    kind, layout, attention, cache = case
+    layers = 3 if kind == "hierarchical" else 2
+    spec = decoder_spec(kind, layout, attention, cache, n_layers=layers)
+    model, out, manifest = exported(tmp_path_factory, ("dec", case_id(case)), spec)
+    assert set(manifest.graphs) == {"prefill", "decode"}
+    for g in manifest.graphs.values():
+        onnx.checker.check_model(str(out / g.file), full_check=True)
+    nodes, _ = _effx_nodes(out / "prefill.onnx")
+    if kind != "full" or layout == "paged":
+        assert len(nodes) == layers and len({n.op_type for n in nodes}) == 1
+    batch, n = 2, 11
+    ids = torch.randint(0, spec.model.vocab_size, (batch, n), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        ref = model(ids).numpy()
+    block_table = None
+    if layout == "paged":
+        block_table = model.empty_cache(batch).reserve(n).block_table.numpy()
+    for prompt in (5, 2):
+        got = decode_in_ort(out, manifest, ids.numpy(), prompt, block_table)
+        assert np.abs(got - ref).max() <= TOL, prompt
+    # the decode graph also takes an empty cache (past length 0)
+    decode = session(out / "decode.onnx")
+    feed = {"input_ids": ids[:, :4].numpy(), "past_lengths": np.zeros(batch, np.int64)} | empty_cache_feed(manifest, batch)
+    if layout == "paged":
+        feed |= {"new_lengths": np.full(batch, 4, np.int64), "block_table": block_table}
+    assert np.abs(decode.run(None, feed)[0] - ref[:, :4]).max() <= TOL
+
+
+def test_manifest_describes_the_files(tmp_path_factory):
+    spec = decoder_spec("local", "ring", {"window": 5}, n_layers=2)
+    _, out, manifest = exported(tmp_path_factory, ("dec", "local-ring-window5"), spec)
+    again = Manifest.read(out)
+    assert again == manifest and again.stage == "onnx" and again.kv_cache.layout == "ring"
+    assert set(again.files) == {"prefill.onnx", "decode.onnx"}
+    for name, entry in again.files.items():
+        assert sha256_file(out / name) == entry.sha256
+    decode = onnx.load(str(out / "decode.onnx"))
+    assert [i.name for i in decode.graph.input] == [t.name for t in again.graphs["decode"].inputs]
+    assert {t.input for t in again.kv_cache.tensors} <= {i.name for i in decode.graph.input}
+    assert again.kv_cache.tensors[0].shape == ["batch", 2, 5, 16] and not again.kv_cache.grows
+    assert again.custom_ops[0].op_type == "LocalAttention" and again.custom_ops[0].count == 4
+
+
+def test_full_attention_below_opset_23_is_decomposed_with_q_prescaled(tmp_path):
+    model = build_model(encoder_spec("full", n_layers=1))
+    export_model(model, tmp_path / "o", opset=20)
+    proto = onnx.load(str(tmp_path / "o" / "model.onnx"))
+    ops = [n.op_type for n in proto.graph.node]
+    assert "Attention" not in ops and "Softmax" in ops
+    producers = {o: n for n in proto.graph.node for o in n.output}
+    node = next(n for n in proto.graph.node if n.op_type == "Softmax")
+    while node.op_type != "MatMul":  # walk back from the softmax through the mask (Where's scores input) to Q K^T
+        node = producers[node.input[2] if node.op_type == "Where" else node.input[0]]
+    assert any(producers[i].op_type == "Mul" for i in node.input if i in producers)  # Q * scale feeds Q K^T
+    ids = torch.randint(0, 1000, (2, 12))
+    mask = torch.ones(2, 12, dtype=torch.int64)
+    got = session(tmp_path / "o" / "model.onnx").run(None, {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})[0]
+    with torch.no_grad():
+        assert np.abs(got - model(ids, mask).numpy()).max() <= TOL
+
+
+def test_inline_variant_has_no_custom_domain(tmp_path):
+    model = build_model(encoder_spec("linformer", {"k": 8}, n_layers=2))
+    manifest = export_model(model, tmp_path / "inl", inline=True)
+    proto = onnx.load(str(tmp_path / "inl" / "model.onnx"))
+    assert not proto.functions and all(n.domain != "effx" for n in proto.graph.node)
+    assert all(o.domain != "effx" for o in proto.opset_import) and manifest.custom_ops == []
+    ids = torch.randint(0, 1000, (2, 10))
+    mask = torch.ones(2, 10, dtype=torch.int64)
+    got = session(tmp_path / "inl" / "model.onnx").run(None, {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})[0]
+    with torch.no_grad():
+        assert np.abs(got - model(ids, mask).numpy()).max() <= TOL
+
+
+def test_same_spec_exports_byte_identical_files(tmp_path):
+    spec = decoder_spec("linear", "state", n_layers=2)
+    export_model(build_model(spec), tmp_path / "a")
+    export_model(build_model(spec), tmp_path / "b")
+    names = sorted(p.name for p in (tmp_path / "a").iterdir())
+    assert names == sorted(p.name for p in (tmp_path / "b").iterdir())
+    for name in names:
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+
+
+def test_failure_mid_export_leaves_nothing(tmp_path, monkeypatch):
+    from effx.exporter import onnx_export
+
+    calls = []
+    real = onnx_export.save_model
+
+    def failing(model, path):
+        calls.append(path)
+        if len(calls) == 2:  # after prefill.onnx was written
+            raise RuntimeError("disk full (simulated)")
+        return real(model, path)
+
+    monkeypatch.setattr(onnx_export, "save_model", failing)
+    with pytest.raises(RuntimeError, match="simulated"):
+        export_model(build_model(decoder_spec("full", "contiguous", n_layers=1)), tmp_path / "out")
+    assert len(calls) == 2 and list(tmp_path.iterdir()) == []
