@@ -36,8 +36,8 @@ def _peak_rss_mb() -> float:
 
 def run_cell(label: str, n: int, repeats: int, threads: int) -> dict:
     import torch
-    from effx.models.transformer import ATTENTION_CLASSES
 
+    from effx.models.transformer import ATTENTION_CLASSES
     from effx.spec import RunSpec
 
     torch.set_num_threads(threads)
@@ -74,7 +74,8 @@ def _cell_in_subprocess(label: str, n: int, repeats: int, threads: int, mem_cap_
         if line.startswith("RESULT "):
             return json.loads(line[7:])
     tail = (proc.stderr.strip().splitlines() or ["?"])[-1]
-    if "MemoryError" in proc.stderr or "not enough memory" in proc.stderr or proc.returncode in (-9, 137):
+    oom_signs = ("MemoryError", "not enough memory", "can't allocate memory", "Cannot allocate memory")
+    if any(sign in proc.stderr for sign in oom_signs) or proc.returncode in (-9, 137):
         return {"oom": True, "error": tail}
     return {"error": tail}
 
@@ -101,11 +102,16 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--mem-cap-gb", type=float, default=16.0)
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "attention_scaling_cpu.json"))
+    ap.add_argument("--update", action="store_true", help="re-measure only these cells, keep the others in --out")
     args = ap.parse_args()
     seqs = [int(s) for s in args.seq.split(",")]
     labels = [k.strip() for k in args.kinds.split(",")]
     results: dict[str, dict[str, dict]] = {}
-    for n in seqs:
+    if args.update and Path(args.out).exists():
+        previous = json.loads(Path(args.out).read_text())
+        results = previous["results"]
+        seqs = sorted({int(n) for cells in results.values() for n in cells} | set(seqs))
+    for n in [int(s) for s in args.seq.split(",")]:
         for label in labels:
             repeats = 5 if n <= 4096 else 3
             cell = _cell_in_subprocess(label, n, repeats, args.threads, args.mem_cap_gb)
@@ -114,6 +120,7 @@ def main() -> None:
     ref = "full (SDPA)"
     lines = ["| attention | " + " | ".join(f"n={n}: ms (x vs SDPA) / MB" for n in seqs) + " |",
              "|---" * (len(seqs) + 1) + "|"]
+    labels = [label for label in KINDS if label in results]
     for label in labels:
         cells = []
         for n in seqs:

@@ -22,6 +22,17 @@ class _Spec(BaseModel):
 
 
 # ---------------------------------------------------------------------------------------------- model
+class RopeScaling(_Spec):
+    """RoPE frequency scaling as in Hugging Face configs: `linear` divides positions by factor; `llama3`
+    rescales low frequencies (Llama 3.1)."""
+
+    type: Literal["linear", "llama3"]
+    factor: float = Field(gt=0)
+    low_freq_factor: float = Field(1.0, gt=0)
+    high_freq_factor: float = Field(4.0, gt=0)
+    original_max_position_embeddings: int = Field(8192, ge=1)
+
+
 class ModelSpec(_Spec):
     """The transformer around the attention."""
 
@@ -38,6 +49,13 @@ class ModelSpec(_Spec):
         None, description="learned embeddings or RoPE; default learned for encoders, rope for decoders"
     )
     rope_theta: float = Field(10000.0, gt=0, description="RoPE base")
+    rope_scaling: RopeScaling | None = Field(None, description="RoPE scaling (linear or llama3), as configured")
+    norm_position: Literal["pre", "post"] = Field("pre", description="pre-norm (GPT, Llama) or post-norm (BERT)")
+    norm_eps: float | None = Field(None, gt=0, description="norm epsilon; default 1e-5 (layernorm), 1e-6 (rmsnorm)")
+    activation: Literal["gelu_tanh", "gelu", "swiglu"] = Field("gelu_tanh", description="MLP activation")
+    bias: bool = Field(True, description="biases in the attention and MLP projections")
+    embed_norm: bool = Field(False, description="a norm right after the embeddings (BERT)")
+    final_norm: bool = Field(True, description="a norm after the last block")
     seed: int = Field(0, ge=0, description="initialisation seed")
 
     @model_validator(mode="after")

@@ -66,10 +66,10 @@ class AttentionBase(nn.Module):
         self.n_heads, self.n_kv_heads, self.head_dim = m.n_heads, m.kv_heads, m.head_dim
         self.causal = m.causal
         self.scale = self.head_dim**-0.5
-        self.q_proj = nn.Linear(m.d_model, m.n_heads * m.head_dim)
-        self.k_proj = nn.Linear(m.d_model, m.kv_heads * m.head_dim)
-        self.v_proj = nn.Linear(m.d_model, m.kv_heads * m.head_dim)
-        self.o_proj = nn.Linear(m.n_heads * m.head_dim, m.d_model)
+        self.q_proj = nn.Linear(m.d_model, m.n_heads * m.head_dim, bias=m.bias)
+        self.k_proj = nn.Linear(m.d_model, m.kv_heads * m.head_dim, bias=m.bias)
+        self.v_proj = nn.Linear(m.d_model, m.kv_heads * m.head_dim, bias=m.bias)
+        self.o_proj = nn.Linear(m.n_heads * m.head_dim, m.d_model, bias=m.bias)
         # held in lists: the model owns these, layers only use them (no duplicate entries in state_dict)
         self._rope = [rope]
         self._shared = [shared]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -17,26 +19,53 @@ class RMSNorm(nn.Module):
         return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
 
 
-def make_norm(kind: str, dim: int) -> nn.Module:
-    return RMSNorm(dim) if kind == "rmsnorm" else nn.LayerNorm(dim, eps=1e-5)
+def make_norm(kind: str, dim: int, eps: float | None = None) -> nn.Module:
+    if kind == "rmsnorm":
+        return RMSNorm(dim, 1e-6 if eps is None else eps)
+    return nn.LayerNorm(dim, eps=1e-5 if eps is None else eps)
 
 
 class MLP(nn.Module):
-    def __init__(self, d_model: int, d_ff: int):
+    """down(act(up(x))), or down(silu(gate(x)) * up(x)) for swiglu (Llama)."""
+
+    def __init__(self, d_model: int, d_ff: int, activation: str = "gelu_tanh", bias: bool = True):
         super().__init__()
-        self.up = nn.Linear(d_model, d_ff)
-        self.down = nn.Linear(d_ff, d_model)
+        self.activation = activation
+        if activation == "swiglu":
+            self.gate = nn.Linear(d_model, d_ff, bias=bias)
+        self.up = nn.Linear(d_model, d_ff, bias=bias)
+        self.down = nn.Linear(d_ff, d_model, bias=bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.down(F.gelu(self.up(x), approximate="tanh"))
+        if self.activation == "swiglu":
+            return self.down(F.silu(self.gate(x)) * self.up(x))
+        return self.down(F.gelu(self.up(x), approximate="tanh" if self.activation == "gelu_tanh" else "none"))
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling=None) -> Tensor:
+    """Inverse frequencies (D/2,), with Hugging Face's linear / llama3 scaling."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    if scaling is None:
+        return inv_freq
+    if scaling.type == "linear":
+        return inv_freq / scaling.factor
+    # llama3: long wavelengths slowed by `factor`, short ones kept, a smooth blend in between
+    old = scaling.original_max_position_embeddings
+    low_wavelen, high_wavelen = old / scaling.low_freq_factor, old / scaling.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / scaling.factor, inv_freq)
+    smooth = (old / wavelen - scaling.low_freq_factor) / (scaling.high_freq_factor - scaling.low_freq_factor)
+    blended = (1 - smooth) * scaled / scaling.factor + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return torch.where(medium, blended, scaled)
 
 
 class Rotary(nn.Module):
     """RoPE (rotate-half form) with cos/sin tables for positions 0..max_seq_len-1."""
 
-    def __init__(self, head_dim: int, max_seq_len: int, theta: float):
+    def __init__(self, head_dim: int, max_seq_len: int, theta: float, scaling=None):
         super().__init__()
-        inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+        inv_freq = rope_inv_freq(head_dim, theta, scaling)
         angles = torch.arange(max_seq_len, dtype=torch.float64)[:, None] * inv_freq[None, :]  # (S, D/2)
         angles = torch.cat([angles, angles], dim=-1)  # (S, D)
         self.register_buffer("cos", angles.cos().float(), persistent=False)

@@ -39,21 +39,30 @@ CACHE_CLASSES: dict[str, type[KVCache]] = {
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+    """Transformer block. Pre-norm: x + attn(norm1(x)), then x + mlp(norm2(x)).
+    Post-norm (BERT): norm1(x + attn(x)), then norm2(x + mlp(x))."""
 
     def __init__(self, spec: RunSpec, index: int, rope: nn.Module | None, shared: nn.ParameterDict):
         super().__init__()
         m = spec.model
-        self.norm1 = make_norm(m.norm, m.d_model)
+        self.post_norm = m.norm_position == "post"
+        self.norm1 = make_norm(m.norm, m.d_model, m.norm_eps)
         self.attn = ATTENTION_CLASSES[spec.attention.kind](spec, index, rope, shared)
-        self.norm2 = make_norm(m.norm, m.d_model)
-        self.mlp = MLP(m.d_model, m.d_ff)
+        self.norm2 = make_norm(m.norm, m.d_model, m.norm_eps)
+        self.mlp = MLP(m.d_model, m.d_ff, m.activation, m.bias)
 
     def forward(self, x: Tensor, positions: Tensor, key_mask: Tensor | None) -> Tensor:
+        if self.post_norm:
+            x = self.norm1(x + self.attn(x, positions, key_mask))
+            return self.norm2(x + self.mlp(x))
         x = x + self.attn(self.norm1(x), positions, key_mask)
         return x + self.mlp(self.norm2(x))
 
     def step(self, x: Tensor, state: LayerState, inputs: StepInputs) -> tuple[Tensor, LayerState]:
+        if self.post_norm:
+            a, state = self.attn.step(x, state, inputs)
+            x = self.norm1(x + a)
+            return self.norm2(x + self.mlp(x)), state
         a, state = self.attn.step(self.norm1(x), state, inputs)
         x = x + a
         return x + self.mlp(self.norm2(x)), state
@@ -66,13 +75,14 @@ class EffxModel(nn.Module):
         self.spec = spec
         self.embed = nn.Embedding(m.vocab_size, m.d_model)
         self.pos_embed = nn.Embedding(m.max_seq_len, m.d_model) if m.pos_encoding == "learned" else None
-        self.rope = Rotary(m.head_dim, m.max_seq_len, m.rope_theta) if m.pos_encoding == "rope" else None
+        self.rope = Rotary(m.head_dim, m.max_seq_len, m.rope_theta, m.rope_scaling) if m.pos_encoding == "rope" else None
+        self.embed_norm = make_norm(m.norm, m.d_model, m.norm_eps) if m.embed_norm else None
         self.shared = nn.ParameterDict()
         a = spec.attention
         if a.kind == "linformer" and a.sharing == "layerwise":
             self.shared["linformer_e"] = init_projection(1, a.k, m.max_seq_len)  # one E for all layers
         self.blocks = nn.ModuleList(Block(spec, i, self.rope, self.shared) for i in range(m.n_layers))
-        self.norm = make_norm(m.norm, m.d_model)
+        self.norm = make_norm(m.norm, m.d_model, m.norm_eps) if m.final_norm else None
         self.lm_head = nn.Linear(m.d_model, m.vocab_size, bias=False) if m.family == "decoder" else None
 
     @property
@@ -81,10 +91,13 @@ class EffxModel(nn.Module):
 
     def embed_tokens(self, input_ids: Tensor, positions: Tensor) -> Tensor:
         x = self.embed(input_ids)  # (B,N,C)
-        return x if self.pos_embed is None else x + self.pos_embed(positions)
+        if self.pos_embed is not None:
+            x = x + self.pos_embed(positions)
+        return x if self.embed_norm is None else self.embed_norm(x)
 
     def head(self, x: Tensor) -> Tensor:
-        x = self.norm(x)
+        if self.norm is not None:
+            x = self.norm(x)
         return x if self.lm_head is None else self.lm_head(x)  # hidden states (B,N,C) or logits (B,N,V)
 
     # -- whole sequence ---------------------------------------------------------------------------------

@@ -2,9 +2,9 @@
 
 import pytest
 import torch
+
 from effx.models import build_model, load_model, save_model
 from effx.models.cache import PagedCache
-
 from tests.helpers import DECODER_CASES, ENCODER_CASES, case_id, decoder_spec, encoder_spec
 
 TOL = 1e-5

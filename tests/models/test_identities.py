@@ -2,11 +2,11 @@
 
 import pytest
 import torch
+
 from effx.models import build_model
 from effx.plugins.common import softmax_attention
 from effx.plugins.linear import favor_projection, linear_attention_quadratic, linear_attention_state
 from effx.plugins.linformer import linformer_attention
-
 from tests.helpers import decoder_spec, encoder_spec
 
 TOL = 1e-5
@@ -83,3 +83,18 @@ def test_causal_linear_prefix_sums_equal_quadratic_form(fmap, heads):
     m = 12 if fmap == "favor" else 8
     y, s, z = linear_attention_state(q, k, v, torch.zeros(2, hkv, m, 8), torch.zeros(2, hkv, m), omega, fmap, 1e-6)
     assert _max_err(y, linear_attention_quadratic(q, k, v, omega, fmap, 1e-6)) <= TOL
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("window,block", [(1, 4), (5, 8), (7, 3), (40, 16)])
+def test_blocked_local_attention_equals_reference(causal, window, block):
+    from effx.plugins.local import local_attention_blocked, local_attention_reference
+
+    g = torch.Generator().manual_seed(window)
+    q, k, v = (torch.randn(2, 4, 37, 8, generator=g) for _ in range(3))
+    pos = torch.arange(37).expand(2, 37)
+    k_pos = pos.clone()
+    k_pos[1, 30:] = -1  # padding
+    ref = local_attention_reference(q, k, v, pos, k_pos, window, causal, 0.3)
+    got = local_attention_blocked(q, k, v, pos, k_pos, window, causal, 0.3, block=block)
+    assert (got - ref).abs().max().item() <= 1e-6

@@ -1,10 +1,10 @@
 """Random valid specs build, run forward and decode without error (hypothesis)."""
 
 import torch
-from effx.models import build_model
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from effx.models import build_model
 from effx.registry import ATTENTION, compatible_layouts
 from effx.spec import RunSpec
 
@@ -35,11 +35,17 @@ def specs(draw):
     cache = {"layout": layout}
     if layout == "paged":
         bs = draw(st.integers(1, 8))
-        cache |= {"block_size": bs, "num_blocks": -(-max_seq_len // bs) * 2}
+        cache |= {"block_size": bs, "num_blocks": -(-max_seq_len // bs) * 3}  # room for batch 3
     model = {"family": family, "n_heads": n_heads, "d_model": n_heads * head_dim, "n_kv_heads": kv,
              "n_layers": n_layers, "d_ff": 16, "max_seq_len": max_seq_len, "vocab_size": 50,
              "norm": draw(st.sampled_from(["layernorm", "rmsnorm"])),
-             "positional": draw(st.sampled_from([None, "learned", "rope"])), "seed": draw(st.integers(0, 5))}
+             "positional": draw(st.sampled_from([None, "learned", "rope"])), "seed": draw(st.integers(0, 5)),
+             "norm_position": draw(st.sampled_from(["pre", "post"])),
+             "activation": draw(st.sampled_from(["gelu_tanh", "gelu", "swiglu"])), "bias": draw(st.booleans()),
+             "embed_norm": draw(st.booleans()), "final_norm": draw(st.booleans()),
+             "rope_scaling": draw(st.sampled_from([None, {"type": "linear", "factor": 2.0},
+                                                   {"type": "llama3", "factor": 8.0,
+                                                    "original_max_position_embeddings": 16}]))}
     return RunSpec.parse({"model": model, "attention": attention, "kv_cache": cache})
 
 
