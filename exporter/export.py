@@ -48,6 +48,10 @@ def export_model(
         for plan in plans:
             say(f"exporting {plan.name}.onnx")
             proto = ox.export_graph(plan, opset)
+            # ONNX dims carry names, not bounds: record each dimension's range in the graph's metadata too
+            for dim, (lo, opt, hi) in sorted(plan.dim_ranges.items()):
+                onnx.helper.set_model_props(proto, {**{p.key: p.value for p in proto.metadata_props},
+                                                    f"effx.dim.{dim}": f"min={lo} opt={opt} max={hi}"})
             counts.update(ox.custom_op_counts(proto))
             if inline:
                 proto = ox.inline(proto)

@@ -102,3 +102,38 @@ def test_readme_matrix_is_the_generated_one():
     readme = (Path(__file__).parents[2] / "README.md").read_text()
     section = readme.split("<!-- compat:begin -->\n")[1].split("\n<!-- compat:end -->")[0]
     assert section == compatibility_markdown(describe()), "regenerate the README matrix from effx.registry"
+
+
+EXPORT_BAD = [
+    (["export", "--family", "decoder", "--attention", "linformer"], "attention.kind=linformer"),
+    (["export", "--opset", "17"], "--opset 17"),
+    (["export", "--opset", "27"], "--opset 27"),
+]
+
+
+@pytest.mark.parametrize("args,needle", EXPORT_BAD, ids=lambda a: str(a))
+def test_export_bad_input_is_one_line(args, needle, capsys, monkeypatch, tmp_path):
+    code, _, err = run_cli([*args, "-o", str(tmp_path / "x")], capsys, monkeypatch)
+    assert code == 2 and needle in err and err.count("\n") == 1
+    assert not (tmp_path / "x").exists()
+
+
+def test_export_into_a_file_or_nonempty_folder_is_refused(capsys, monkeypatch, tmp_path):
+    target = tmp_path / "afile"
+    target.write_text("x")
+    code, _, err = run_cli(["export", "-o", str(target)], capsys, monkeypatch)
+    assert code == 2 and "is a file" in err and target.read_text() == "x"
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "keep.txt").write_text("y")
+    code, _, err = run_cli(["export", "-o", str(full)], capsys, monkeypatch)
+    assert code == 2 and "not empty" in err and (full / "keep.txt").exists()
+
+
+def test_export_cli_writes_and_reports(capsys, monkeypatch, tmp_path):
+    out = tmp_path / "onnx"
+    code, stdout, err = run_cli(["export", "--attention", "linformer", "--linformer-k", "8", "--n-layers", "1",
+                                 "--max-seq-len", "32", "-o", str(out)], capsys, monkeypatch)
+    assert code == 0, err
+    assert (out / "model.onnx").exists() and (out / "manifest.json").exists()
+    assert "1x effx::LinformerAttention" in stdout

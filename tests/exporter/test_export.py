@@ -50,6 +50,9 @@ def test_encoder_matches_pytorch(case, tmp_path_factory):
         assert [f.name for f in proto.functions] == [expected] and proto.functions[0].domain == "effx"
     dims = [[d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in proto.graph.input]
     assert dims == [["batch", "sequence"], ["batch", "sequence"]]
+    props = {p.key: p.value for p in proto.metadata_props}
+    assert props["effx.dim.sequence"] == f"min=1 opt={min(128, spec.model.max_seq_len)} max={spec.model.max_seq_len}"
+    assert manifest.graphs["model"].dims["sequence"].max == spec.model.max_seq_len
     sess = session(path)
     for batch, n in [(1, 9), (3, 20)]:
         g = torch.Generator().manual_seed(n)
