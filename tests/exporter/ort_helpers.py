@@ -47,3 +47,17 @@ def empty_cache_feed(manifest: Manifest, batch: int) -> dict[str, np.ndarray]:
         shape = [batch if d == "batch" else d for d in t.shape]
         feed[t.input] = np.zeros(shape, np.float32)
     return feed
+
+
+def encoder_error(path: Path, model, batch: int, n: int, pad_last: int = 0) -> float:
+    """Max abs difference between ONNX Runtime and the PyTorch model on seeded tokens (last row padded)."""
+    import torch
+
+    ids = torch.randint(0, model.spec.model.vocab_size, (batch, n), generator=torch.Generator().manual_seed(n))
+    mask = torch.ones(batch, n, dtype=torch.int64)
+    if pad_last:
+        mask[-1, n - pad_last:] = 0
+    with torch.no_grad():
+        ref = model(ids, mask).numpy()
+    got = session(path).run(None, {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})[0]
+    return float(np.abs(got - ref).max())

@@ -10,7 +10,7 @@ import torch
 from effx.exporter import export_model
 from effx.manifest import Manifest, sha256_file
 from effx.models import build_model
-from tests.exporter.ort_helpers import decode_in_ort, empty_cache_feed, session
+from tests.exporter.ort_helpers import decode_in_ort, empty_cache_feed, encoder_error, session
 from tests.helpers import DECODER_CASES, ENCODER_CASES, case_id, decoder_spec, encoder_spec
 
 TOL = 1e-4
@@ -53,16 +53,8 @@ def test_encoder_matches_pytorch(case, tmp_path_factory):
     props = {p.key: p.value for p in proto.metadata_props}
     assert props["effx.dim.sequence"] == f"min=1 opt={min(128, spec.model.max_seq_len)} max={spec.model.max_seq_len}"
     assert manifest.graphs["model"].dims["sequence"].max == spec.model.max_seq_len
-    sess = session(path)
     for batch, n in [(1, 9), (3, 20)]:
-        g = torch.Generator().manual_seed(n)
-        ids = torch.randint(0, spec.model.vocab_size, (batch, n), generator=g)
-        mask = torch.ones(batch, n, dtype=torch.int64)
-        mask[-1, n - 3:] = 0  # a padded row
-        with torch.no_grad():
-            ref = model(ids, mask).numpy()
-        got = sess.run(None, {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})[0]
-        assert np.abs(got - ref).max() <= TOL, (batch, n)
+        assert encoder_error(path, model, batch, n, pad_last=3) <= TOL, (batch, n)
 
 
 @pytest.mark.parametrize("case", DECODER_CASES, ids=case_id)
@@ -121,11 +113,7 @@ def test_full_attention_below_opset_23_is_decomposed_with_q_prescaled(tmp_path):
     while node.op_type != "MatMul":  # walk back from the softmax through the mask (Where's scores input) to Q K^T
         node = producers[node.input[2] if node.op_type == "Where" else node.input[0]]
     assert any(producers[i].op_type == "Mul" for i in node.input if i in producers)  # Q * scale feeds Q K^T
-    ids = torch.randint(0, 1000, (2, 12))
-    mask = torch.ones(2, 12, dtype=torch.int64)
-    got = session(tmp_path / "o" / "model.onnx").run(None, {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})[0]
-    with torch.no_grad():
-        assert np.abs(got - model(ids, mask).numpy()).max() <= TOL
+    assert encoder_error(tmp_path / "o" / "model.onnx", model, 2, 12) <= TOL
 
 
 def test_inline_variant_has_no_custom_domain(tmp_path):
@@ -134,11 +122,7 @@ def test_inline_variant_has_no_custom_domain(tmp_path):
     proto = onnx.load(str(tmp_path / "inl" / "model.onnx"))
     assert not proto.functions and all(n.domain != "effx" for n in proto.graph.node)
     assert all(o.domain != "effx" for o in proto.opset_import) and manifest.custom_ops == []
-    ids = torch.randint(0, 1000, (2, 10))
-    mask = torch.ones(2, 10, dtype=torch.int64)
-    got = session(tmp_path / "inl" / "model.onnx").run(None, {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})[0]
-    with torch.no_grad():
-        assert np.abs(got - model(ids, mask).numpy()).max() <= TOL
+    assert encoder_error(tmp_path / "inl" / "model.onnx", model, 2, 10) <= TOL
 
 
 def test_same_spec_exports_byte_identical_files(tmp_path):
