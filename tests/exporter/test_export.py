@@ -151,3 +151,16 @@ def test_failure_mid_export_leaves_nothing(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="simulated"):
         export_model(build_model(decoder_spec("full", "contiguous", n_layers=1)), tmp_path / "out")
     assert len(calls) == 2 and list(tmp_path.iterdir()) == []
+
+
+def test_large_weights_go_to_external_data(tmp_path, monkeypatch):
+    from effx.exporter import onnx_export
+
+    monkeypatch.setattr(onnx_export, "TWO_GB", 1024)  # pretend this tiny model is over the protobuf limit
+    model = build_model(encoder_spec("local", {"window": 4}, n_layers=1))
+    manifest = export_model(model, tmp_path / "ext")
+    files = sorted(p.name for p in (tmp_path / "ext").iterdir())
+    assert files == ["manifest.json", "model.onnx", "model.onnx.data"]
+    assert set(manifest.files) == {"model.onnx", "model.onnx.data"}
+    assert (tmp_path / "ext" / "model.onnx").stat().st_size < (tmp_path / "ext" / "model.onnx.data").stat().st_size
+    assert encoder_error(tmp_path / "ext" / "model.onnx", model, 2, 8) <= TOL
