@@ -137,6 +137,52 @@ def export(
     typer.echo(f"wrote {output / 'manifest.json'}; custom ops: {ops}")
 
 
+# ------------------------------------------------------------------------------------------ targets/build
+@app.command()
+def targets(as_json: bool = typer.Option(False, "--json", help="machine-readable output")) -> None:
+    """List the deployment targets: backend, GPU arch, TensorRT versions, precisions, DLA, op flavours."""
+    from effx.targets.profiles import targets_table
+
+    rows = targets_table()
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    from effx.report_tables import targets_rich_table
+
+    _console().print(targets_rich_table(rows))
+
+
+@app.command()
+def build(
+    onnx_dir: Path = typer.Argument(..., help="folder written by `effx export` (or a device kit, on the device)"),
+    target: str = typer.Option("cpu", "--target", "-t", help="target name (see `effx targets`)"),
+    precision: str = typer.Option("fp32", "--precision", help="fp32 | fp16 | bf16 | int8 | fp8 | int4w"),
+    calib: str = typer.Option("random", "--calib", help="random | dynamic (ORT int8) | FILE.npz | token file"),
+    calib_samples: int = typer.Option(8, "--calib-samples", min=1, help="calibration batches"),
+    dla_core: Optional[int] = typer.Option(None, "--dla-core", help="run on this DLA core (GPU fallback on)"),  # noqa: UP045
+    output: Path = typer.Option(..., "-o", "--output", help="build folder (written atomically)"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace a non-empty output folder"),
+) -> None:
+    """Build an exported model for a target: ONNX Runtime here, TensorRT engines (or a device kit) for GPUs."""
+    from effx.atomic import check_output_dir
+    from effx.targets.api import build as build_api
+    from effx.targets.precision import check_request
+    from effx.targets.profiles import get_target
+
+    check_request(get_target(target), precision, dla_core)  # capability errors before any work
+    check_output_dir(output, overwrite)
+    with _progress("build") as say:
+        manifest = build_api(onnx_dir, target, precision, calib, calib_samples, dla_core, output, overwrite, say)
+    info = manifest.build
+    for name, g in info.graphs.items():
+        typer.echo(f"{name}: {output / g.file}")
+    if info.engine_built:
+        typer.echo(f"built {info.target} ({info.backend}, {info.precision}) -> {output}")
+    else:
+        typer.echo(f"no engine was built: {info.reason}")
+        typer.echo(f"wrote a device build kit -> {output}; on the device run: bash {output / 'build_on_device.sh'}")
+
+
 def _load_or_build(spec_file: Path | None, model_dir: Path | None, overrides: dict):
     from effx.models import build_model, load_model
 

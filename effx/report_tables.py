@@ -55,3 +55,32 @@ def compatibility_markdown(info: dict[str, Any]) -> str:
                  for lay in layouts]
         rows.append(f"| {kind} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
+
+
+_TARGET_COLUMNS = ("name", "backend", "sm", "tensorrt", "precisions", "dla_cores", "memory_gb", "workspace_gb",
+                   "op_flavours")
+
+
+def _cell(row: dict[str, Any], col: str) -> str:
+    value = row[col]
+    if col == "name" and row["aliases"]:
+        value = f"{value} ({', '.join(row['aliases'])})"
+    if col == "sm" and value is not None:
+        value = f"sm_{value}"
+    text = ", ".join(map(str, value)) if isinstance(value, (list, tuple)) else ("-" if value is None else str(value))
+    return text + (" (unverified)" if col in row["unverified"] else "")
+
+
+def targets_rich_table(rows: list[dict[str, Any]]) -> Table:
+    t = Table(title="Targets")
+    for col in _TARGET_COLUMNS:
+        t.add_column(col)
+    for r in rows:
+        t.add_row(*(escape(_cell(r, c)) for c in _TARGET_COLUMNS))
+    return t
+
+
+def targets_markdown(rows: list[dict[str, Any]]) -> str:
+    lines = ["| " + " | ".join(_TARGET_COLUMNS) + " |", "|---" * len(_TARGET_COLUMNS) + "|"]
+    lines += ["| " + " | ".join(_cell(r, c) for c in _TARGET_COLUMNS) + " |" for r in rows]
+    return "\n".join(lines)

@@ -1,0 +1,157 @@
+"""ONNX Runtime targets: the chosen precision applied at graph level with ORT's own tools, plus an optimised
+graph saved for ORT's C/C++ API.
+
+- fp32: the exported graphs as they are (effx nodes + function bodies: portable to any ONNX runtime).
+- fp16: onnxconverter-common, keeping float32 I/O (the effx function bodies are dtype-generic: CastLike).
+- int8: ORT's static QDQ quantizer (int8 weights per channel, uint8 activations: ORT's CPU kernels) calibrated on feeds
+  from `effx.targets.calib` (decode graphs are calibrated on caches produced by the fp32 prefill graph);
+  `int8` with calib="dynamic" uses ORT's dynamic quantizer instead. ORT's pre-processing is skipped on
+  purpose: its optimizer inlines the effx functions (see ../shared/notes/onnx-export-recipes.md §5).
+The effx nodes stay in float and survive both; `<graph>.ort.onnx` is ORT's extended-level optimised graph
+(functions inlined), ready for `Ort::Session` with the recorded session options.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from effx.errors import CapabilityError, EffxError
+from effx.manifest import BuildInfo, GraphSpec, Manifest
+from effx.targets.calib import token_batches
+from effx.targets.profiles import TargetProfile
+
+SESSION_OPTIONS = {"graph_optimization_level": "ORT_ENABLE_EXTENDED", "intra_op_num_threads": 0,
+                   "inter_op_num_threads": 1, "execution_mode": "ORT_SEQUENTIAL"}
+
+
+def _effx_count(model: onnx.ModelProto) -> int:
+    return sum(1 for n in model.graph.node if n.domain == "effx")
+
+
+def _session(path: Path, providers: tuple[str, ...]):
+    import onnxruntime as ort
+
+    return ort.InferenceSession(str(path), providers=list(providers) or ["CPUExecutionProvider"])
+
+
+def calibration_feeds(src: Path, manifest: Manifest, batches: list[np.ndarray]) -> dict[str, list[dict]]:
+    """Feeds per graph. Decoder caches come from running the fp32 prefill graph on the tokens."""
+    graphs = manifest.graphs
+    if "decode" not in graphs:
+        g = next(iter(graphs.values()))
+        names = {t.name for t in g.inputs}
+        return {next(iter(graphs)): [
+            {"input_ids": ids} | ({"attention_mask": np.ones_like(ids)} if "attention_mask" in names else {})
+            for ids in batches]}
+    plan = manifest.kv_cache
+    prefill = _session(src / graphs["prefill"].file, ("CPUExecutionProvider",))
+    out_names = [o.name for o in prefill.get_outputs()]
+    feeds: dict[str, list[dict]] = {"prefill": [], "decode": []}
+    for ids in batches:
+        b, n = ids.shape
+        prompt, extra = ids[:, :-1], {}
+        if plan.layout == "paged":
+            extra = _paged_controls(plan, b, n, prompt.shape[1])
+            pools = {t.input: np.zeros(t.shape, np.float32) for t in plan.tensors}
+            feed = {"input_ids": prompt} | extra | pools
+        else:
+            feed = {"input_ids": prompt}
+        feeds["prefill"].append(feed)
+        outs = prefill.run(None, feed)
+        state = {k.replace("present.", "past.", 1): v for k, v in zip(out_names[1:], outs[1:], strict=True)}
+        step = {"input_ids": ids[:, -1:], "past_lengths": np.full(b, n - 1, np.int64)} | state
+        if plan.layout == "paged":
+            step |= {"new_lengths": np.ones(b, np.int64), "block_table": extra["block_table"]}
+        feeds["decode"].append(step)
+    return feeds
+
+
+def _paged_controls(plan, batch: int, total: int, prompt: int) -> dict[str, np.ndarray]:
+    """A block table giving every sequence its own consecutive blocks (enough for `total` tokens)."""
+    bs, num_blocks = int(plan.params["block_size"]), int(plan.params["num_blocks"])
+    max_blocks = next(c.shape[1] for c in plan.controls if c.name == "block_table")
+    need = -(-total // bs)
+    if need * batch > num_blocks:
+        raise EffxError(f"calibration needs {need * batch} paged blocks, the pool has {num_blocks}; use fewer samples")
+    table = np.zeros((batch, max_blocks), np.int64)
+    for b in range(batch):
+        table[b, :need] = np.arange(b * need, (b + 1) * need)
+    return {"new_lengths": np.full(batch, prompt, np.int64), "block_table": table}
+
+
+class _Reader:
+    """onnxruntime.quantization.CalibrationDataReader over a list of feeds."""
+
+    def __init__(self, feeds: list[dict]):
+        self._it = iter(feeds)
+
+    def get_next(self):
+        return next(self._it, None)
+
+    def rewind(self):  # some ORT versions call it between calibration passes
+        pass
+
+
+def build_ort(src: Path, manifest: Manifest, target: TargetProfile, precision: str, calib: str, samples: int,
+              out: Path, say: Callable[[str], None]) -> BuildInfo:
+    if precision not in ("fp32", "fp16", "int8"):
+        raise CapabilityError(f"--precision {precision} is not available on ONNX Runtime targets (fp32, fp16, int8)")
+    feeds = None
+    if precision == "int8" and calib != "dynamic":
+        say(f"calibrating on {samples} batches ({calib})")
+        feeds = calibration_feeds(src, manifest, token_batches(manifest, calib, samples))
+    graphs: dict[str, GraphSpec] = {}
+    for name, g in manifest.graphs.items():
+        say(f"{precision} {g.file}")
+        src_path, dst = src / g.file, out / g.file
+        before = _effx_count(onnx.load(str(src_path), load_external_data=False))
+        if precision == "fp32":
+            shutil.copyfile(src_path, dst)
+            data = src_path.with_suffix(".onnx.data")
+            if data.exists():
+                shutil.copyfile(data, dst.with_suffix(".onnx.data"))
+        elif precision == "fp16":
+            from effx._lazy import lazy_import
+
+            float16 = lazy_import("onnxconverter_common.float16", extra="quant", purpose="fp16 conversion")
+            # Cast and ConstantOfShape carry their float type in an attribute the converter leaves alone:
+            # keep them in fp32 and let the converter cast around them
+            blocked = list(float16.DEFAULT_OP_BLOCK_LIST) + ["Cast", "ConstantOfShape"]
+            m16 = float16.convert_float_to_float16(onnx.load(str(src_path)), keep_io_types=True, op_block_list=blocked)
+            onnx.save_model(m16, str(dst))
+        else:
+            from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
+
+            if feeds is None:
+                quantize_dynamic(str(src_path), str(dst), weight_type=QuantType.QInt8, per_channel=True)
+            else:
+                # U8 activations / S8 weights: ORT's CPU default (its int8 kernels are U8S8)
+                quantize_static(str(src_path), str(dst), _Reader(feeds[name]), quant_format=QuantFormat.QDQ,
+                                per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+        built = onnx.load(str(dst), load_external_data=False)
+        if built.ir_version > 10:
+            built.ir_version = 10  # ORT 1.31 reads <= 13; keep what the exporter wrote
+            onnx.save_model(built, str(dst))
+        if _effx_count(built) != before:
+            raise EffxError(f"{precision} conversion of {g.file} lost effx nodes ({before} -> {_effx_count(built)})")
+        onnx.checker.check_model(str(dst), full_check=True)
+        _save_optimized(dst, out / f"{name}.ort.onnx", target)
+        graphs[name] = g.model_copy(update={"file": g.file})
+    return BuildInfo(target=target.name, backend="ort", precision=precision, engine_built=True, graphs=graphs,
+                     session_options=SESSION_OPTIONS | {"providers": list(target.ort_providers),
+                                                        "optimized_graphs": {n: f"{n}.ort.onnx" for n in graphs}},
+                     extra={"calibration": None if feeds is None else {"source": calib, "batches": samples}})
+
+
+def _save_optimized(src: Path, dst: Path, target: TargetProfile) -> None:
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    opts.optimized_model_filepath = str(dst)
+    ort.InferenceSession(str(src), opts, providers=["CPUExecutionProvider"])

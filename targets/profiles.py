@@ -1,0 +1,103 @@
+"""Target profiles: one declarative row per deployment target. Builds choose from the row; requests a row
+cannot honour fail before any work starts. Facts not confirmed from a primary source carry their field
+name in `unverified` and are shown as such (sources: ../shared/notes/tensorrt-facts.md)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from effx.errors import CapabilityError
+
+PRECISIONS = ("fp32", "fp16", "bf16", "int8", "fp8", "int4w")
+
+
+@dataclass(frozen=True)
+class TargetProfile:
+    name: str
+    backend: str  # "ort" | "tensorrt"
+    summary: str
+    aliases: tuple[str, ...] = ()
+    sm: int | None = None  # compute capability x10 (87 = sm_87)
+    tensorrt: tuple[str, ...] = ()  # TensorRT versions that ship for the target ("10.3 (JetPack 6)")
+    tensorrt_major_minor: tuple[int, int] | None = None  # the version build scripts target
+    precisions: tuple[str, ...] = ("fp32",)
+    dla_cores: int = 0
+    memory_gb: float | None = None
+    workspace_gb: float = 1.0  # default builder memory pool limit
+    op_flavours: tuple[str, ...] = ()  # "onnx-attention", "trt-attention", "qdp-aot"
+    unverified: tuple[str, ...] = ()  # fields whose value is not confirmed by a primary source
+    notes: str = ""
+    ort_providers: tuple[str, ...] = field(default=())
+
+    def row(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["tensorrt_major_minor"] = ".".join(map(str, self.tensorrt_major_minor)) if self.tensorrt_major_minor else None
+        return d
+
+
+_DC = ("fp32", "fp16", "int8")
+TARGETS: dict[str, TargetProfile] = {}
+
+
+def _add(p: TargetProfile) -> None:
+    TARGETS[p.name] = p
+
+
+_add(TargetProfile("cpu", "ort", "ONNX Runtime, CPU execution provider (the embedded default)",
+                   precisions=("fp32", "fp16", "int8"), op_flavours=("onnx-attention", "effx-functions"),
+                   ort_providers=("CPUExecutionProvider",),
+                   notes="fp16 runs but is slower than fp32 on most CPUs; int8 is static QDQ or dynamic"))
+_add(TargetProfile("cuda", "ort", "ONNX Runtime, CUDA execution provider (pip install 'effx[gpu]')",
+                   precisions=("fp32", "fp16", "int8"), op_flavours=("onnx-attention", "effx-functions"),
+                   ort_providers=("CUDAExecutionProvider", "CPUExecutionProvider")))
+_TRT_DC = ("10.x", "11.x")
+_add(TargetProfile("t4", "tensorrt", "NVIDIA T4 (Turing)", sm=75, tensorrt=_TRT_DC, tensorrt_major_minor=(11, 4),
+                   precisions=_DC, memory_gb=16, workspace_gb=4, op_flavours=("onnx-attention", "trt-attention", "qdp-aot"),
+                   notes="no bf16/fp8 on Turing; int4 weight-only treated as unsupported (TRT-RTX matrix: no)"))
+_add(TargetProfile("a100", "tensorrt", "NVIDIA A100 (Ampere)", sm=80, tensorrt=_TRT_DC, tensorrt_major_minor=(11, 4),
+                   precisions=_DC + ("bf16", "int4w"), memory_gb=80, workspace_gb=8,
+                   op_flavours=("onnx-attention", "trt-attention", "qdp-aot")))
+_add(TargetProfile("l4", "tensorrt", "NVIDIA L4 (Ada)", sm=89, tensorrt=_TRT_DC, tensorrt_major_minor=(11, 4),
+                   precisions=_DC + ("bf16", "fp8", "int4w"), memory_gb=24, workspace_gb=4,
+                   op_flavours=("onnx-attention", "trt-attention", "qdp-aot")))
+_add(TargetProfile("h100", "tensorrt", "NVIDIA H100 (Hopper)", sm=90, tensorrt=_TRT_DC, tensorrt_major_minor=(11, 4),
+                   precisions=_DC + ("bf16", "fp8", "int4w"), memory_gb=80, workspace_gb=8,
+                   op_flavours=("onnx-attention", "trt-attention", "qdp-aot")))
+_add(TargetProfile("b200", "tensorrt", "NVIDIA B200 (Blackwell)", sm=100, tensorrt=_TRT_DC,
+                   tensorrt_major_minor=(11, 4), precisions=_DC + ("bf16", "fp8", "int4w"), memory_gb=180,
+                   workspace_gb=8, op_flavours=("onnx-attention", "trt-attention", "qdp-aot"),
+                   notes="also NVFP4/MXFP8 in TensorRT (not offered by effx yet)"))
+_add(TargetProfile("jetson-orin", "tensorrt", "Jetson AGX Orin / Orin NX (JetPack 6: TRT 10.3; JetPack 7.2: TRT 10.x)",
+                   aliases=("jetson",), sm=87, tensorrt=("10.3 (JetPack 6.1/6.2)", "10.x (JetPack 7.2)"),
+                   tensorrt_major_minor=(10, 3), precisions=_DC + ("bf16", "int4w"), dla_cores=2, memory_gb=64,
+                   workspace_gb=2, op_flavours=("effx-functions",),
+                   unverified=("memory_gb", "op_flavours"),
+                   notes="DLA: fp16/int8 only; attention falls back to the GPU. TRT 10.3 predates ONNX Attention "
+                         "import (10.14) and QDP AOT plugins: the function bodies are the fallback; export with --opset 20"))
+_add(TargetProfile("jetson-orin-nano", "tensorrt", "Jetson Orin Nano (JetPack 6: TRT 10.3)", sm=87,
+                   tensorrt=("10.3 (JetPack 6.1/6.2)", "10.x (JetPack 7.2)"), tensorrt_major_minor=(10, 3),
+                   precisions=_DC + ("bf16", "int4w"), dla_cores=0, memory_gb=8, workspace_gb=1,
+                   op_flavours=("effx-functions",), unverified=("dla_cores",),
+                   notes="sources conflict on DLA for Orin Nano; the datasheet lists none"))
+_add(TargetProfile("jetson-xavier", "tensorrt", "Jetson AGX Xavier (JetPack 5.1: TRT 8.5)", sm=72,
+                   tensorrt=("8.5.2 (JetPack 5.1.x)",), tensorrt_major_minor=(8, 5), precisions=_DC, dla_cores=2,
+                   memory_gb=32, workspace_gb=1, op_flavours=("effx-functions",), unverified=("tensorrt",),
+                   notes="no bf16/fp8; CUDA 13 dropped sm_72"))
+_add(TargetProfile("jetson-thor", "tensorrt", "Jetson AGX Thor (JetPack 7: TRT 10.13.x)", sm=110,
+                   tensorrt=("10.13.x (JetPack 7.0/7.1)", "10.x (JetPack 7.2)"), tensorrt_major_minor=(10, 13),
+                   precisions=_DC + ("bf16", "fp8", "int4w"), dla_cores=0, memory_gb=128, workspace_gb=4,
+                   op_flavours=("effx-functions",), unverified=("tensorrt", "op_flavours"),
+                   notes="sm_101 before CUDA 13; no DLA"))
+
+
+def get_target(name: str) -> TargetProfile:
+    for p in TARGETS.values():
+        if name == p.name or name in p.aliases:
+            return p
+    names = ", ".join(p.name + (f" ({'/'.join(p.aliases)})" if p.aliases else "") for p in TARGETS.values())
+    raise CapabilityError(f"unknown target {name!r}; choose one of: {names}")
+
+
+def targets_table() -> list[dict[str, Any]]:
+    return [p.row() for p in TARGETS.values()]
