@@ -74,7 +74,7 @@ def trtexec_command(manifest: Manifest, graph: str, target: TargetProfile, preci
 
 def write_kit(src: Path, manifest: Manifest, target: TargetProfile, precision: str, calib: str, samples: int,
               dla_core: int | None, reason: str, out: Path) -> BuildInfo:
-    for name, entry in manifest.files.items():
+    for name in manifest.files:
         shutil.copyfile(src / name, out / name)
     batches = token_batches(manifest, calib, samples) if precision in ("int8", "fp8", "int4w") else []
     if batches:  # the device calibrates with the same data (ModelOpt takes an .npz)
