@@ -137,3 +137,22 @@ def test_export_cli_writes_and_reports(capsys, monkeypatch, tmp_path):
     assert code == 0, err
     assert (out / "model.onnx").exists() and (out / "manifest.json").exists()
     assert "1x effx::LinformerAttention" in stdout
+
+
+def test_build_cpu_and_jetson_kit_from_the_cli(capsys, monkeypatch, tmp_path):
+    onnx_dir = tmp_path / "onnx"
+    code, _, err = run_cli(["export", "--attention", "local", "--local-window", "4", "--n-layers", "1",
+                            "--max-seq-len", "32", "-o", str(onnx_dir)], capsys, monkeypatch)
+    assert code == 0, err
+    code, out, err = run_cli(["build", str(onnx_dir), "--target", "cpu", "-o", str(tmp_path / "cpu")], capsys, monkeypatch)
+    assert code == 0, err
+    assert "built cpu (ort, fp32)" in out and (tmp_path / "cpu" / "model.ort.onnx").exists()
+    code, out, err = run_cli(["build", str(onnx_dir), "--target", "jetson", "--precision", "fp16", "-o",
+                              str(tmp_path / "jet")], capsys, monkeypatch)
+    assert code == 0, err
+    assert "no engine was built" in out and (tmp_path / "jet" / "build_on_device.sh").exists()
+    code, _, err = run_cli(["build", str(onnx_dir), "--target", "jetson", "--precision", "fp8", "-o",
+                            str(tmp_path / "bad")], capsys, monkeypatch)
+    assert code == 2 and "fp8" in err and not (tmp_path / "bad").exists()
+    code, out, _ = run_cli(["targets", "--json"], capsys, monkeypatch)
+    assert code == 0 and {r["name"] for r in json.loads(out)} >= {"cpu", "jetson-orin", "h100"}
