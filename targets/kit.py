@@ -28,6 +28,17 @@ TRTEXEC_FLAGS: dict[int, set[str]] = {
 }
 
 
+def modelopt_command(onnx_file: str, precision: str, calib_npz: str = "calib.npz") -> list[str]:
+    """NVIDIA ModelOpt puts the precision into the graph (TensorRT 11 takes it from nowhere else):
+    AutoCast for fp16/bf16, PTQ (Q/DQ) for int8/fp8/int4 weight-only."""
+    if precision in ("fp16", "bf16"):
+        return ["python", "-m", "modelopt.onnx.autocast", "--onnx_path", onnx_file, "--low_precision_type", precision,
+                "--output_path", onnx_file]
+    mode = {"int8": "int8", "fp8": "fp8", "int4w": "int4"}[precision]
+    return ["python", "-m", "modelopt.onnx.quantization", "--onnx_path", onnx_file, "--quantize_mode", mode,
+            "--calibration_data_path", calib_npz, "--output_path", onnx_file]
+
+
 def engine_name(graph: str, target: TargetProfile) -> str:
     major, minor = target.tensorrt_major_minor
     return f"{graph}.sm{target.sm}.trt{major}.{minor}.engine"
@@ -90,13 +101,7 @@ def write_kit(src: Path, manifest: Manifest, target: TargetProfile, precision: s
     if major >= 11 and precision != "fp32":
         lines += ["# TensorRT 11 is strongly typed: the precision must be in the graph (NVIDIA ModelOpt)."]
         for g in manifest.graphs.values():
-            if precision in ("fp16", "bf16"):
-                lines.append(f"python -m modelopt.onnx.autocast --onnx_path {g.file} --low_precision_type {precision}"
-                             f" --output_path {g.file}")
-            else:
-                mode = {"int8": "int8", "fp8": "fp8", "int4w": "int4"}[precision]
-                lines.append(f"python -m modelopt.onnx.quantization --onnx_path {g.file} --quantize_mode {mode}"
-                             f" --calibration_data_path calib.npz --output_path {g.file}")
+            lines.append(" ".join(shlex.quote(a) for a in modelopt_command(g.file, precision)))
     for graph in manifest.graphs:
         lines.append(" ".join(shlex.quote(a) for a in trtexec_command(manifest, graph, target, precision, dla_core)))
     script = out / "build_on_device.sh"

@@ -49,6 +49,8 @@ def build_engines(src: Path, manifest: Manifest, target: TargetProfile, precisio
     logger = trt.Logger(trt.Logger.WARNING)
     _register_plugins()
     major = int(trt.__version__.split(".")[0])
+    if major >= 11 and precision != "fp32":
+        src = _graph_precision_with_modelopt(src, manifest, precision, out, say)
     cache_path = timing_cache or out / "timing.cache"
     graphs, fallbacks = {}, {}
     for name, g in manifest.graphs.items():
@@ -90,6 +92,31 @@ def build_engines(src: Path, manifest: Manifest, target: TargetProfile, precisio
                      sm=target.sm, tensorrt_version=trt.__version__, graphs=graphs,
                      plugins=[{"op": c.op_type, "plugin": c.trt_plugin} for c in manifest.custom_ops],
                      extra={"dla_core": dla_core, "dla_gpu_fallback_layers": fallbacks})
+
+
+def _graph_precision_with_modelopt(src: Path, manifest: Manifest, precision: str, out: Path,
+                                   say: Callable[[str], None]) -> Path:
+    """TensorRT 11 is strongly typed: run ModelOpt on copies of the graphs (calibrating on random tokens)."""
+    import shutil
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    from effx._lazy import lazy_import
+    from effx.targets.calib import token_batches
+    from effx.targets.kit import modelopt_command
+
+    lazy_import("modelopt.onnx", extra="tensorrt", purpose=f"{precision} graphs for TensorRT 11 (nvidia-modelopt[onnx])")
+    work = out / "modelopt"
+    work.mkdir()
+    np.savez(work / "calib.npz", input_ids=np.concatenate(token_batches(manifest, "random", 8)))
+    for g in manifest.graphs.values():
+        shutil.copyfile(src / g.file, work / g.file)
+        say(f"ModelOpt {precision}: {g.file}")
+        cmd = modelopt_command(g.file, precision)
+        subprocess.run([sys.executable, *cmd[1:]], cwd=work, check=True)
+    return work
 
 
 def _register_plugins() -> None:
