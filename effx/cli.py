@@ -93,15 +93,22 @@ def init(
 def run(
     spec_file: Optional[Path] = SpecArg,  # noqa: UP045 - typer reads this annotation at runtime
     output: Path = typer.Option(Path("effx-out"), "-o", "--output", help="output folder"),
-    batch: int = typer.Option(2, "--batch", min=1, help="batch of the forward check"),
-    seq: int = typer.Option(16, "--seq", min=1, help="sequence length of the forward check"),
+    target: str = typer.Option("cpu", "--target", "-t", help="target to build for (see `effx targets`)"),
+    precision: str = typer.Option("fp32", "--precision", help="fp32 | fp16 | bf16 | int8 | fp8 | int4w"),
+    opset: int = typer.Option(23, "--opset", help="ai.onnx opset of the export"),
+    batch: int = typer.Option(2, "--batch", min=1, help="batch of the checks"),
+    seq: int = typer.Option(16, "--seq", min=1, help="sequence length of the checks"),
     overrides: dict | None = None,
 ) -> None:
-    """The main job: build the model from the spec and run it end to end (currently: model + forward check)."""
+    """The main job: model -> ONNX export -> build for the target -> check against PyTorch."""
+    from effx.exporter.export import check_opset
     from effx.pipeline import run_pipeline
 
+    check_opset(opset)
     spec = resolve_spec(spec_file, overrides or {})
-    result = run_pipeline(spec, output, batch=batch, seq=seq, console=_console())
+    with _progress("run") as say:
+        result = run_pipeline(spec, output, batch=batch, seq=seq, target=target, precision=precision, opset=opset,
+                              progress=say)
     typer.echo(result.summary())
 
 

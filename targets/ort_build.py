@@ -13,6 +13,8 @@ The effx nodes stay in float and survive both; `<graph>.ort.onnx` is ORT's exten
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -84,6 +86,19 @@ def _paged_controls(plan, batch: int, total: int, prompt: int) -> dict[str, np.n
     return {"new_lengths": np.full(batch, prompt, np.int64), "block_table": table}
 
 
+@contextlib.contextmanager
+def _quiet_root_logger():
+    """ORT's quantizer logs known-harmless warnings on the root logger (pre-processing is skipped on purpose;
+    per-channel axis on LayerNorm weights): keep them out of effx's output."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+
+
 class _Reader:
     """onnxruntime.quantization.CalibrationDataReader over a list of feeds."""
 
@@ -128,11 +143,13 @@ def build_ort(src: Path, manifest: Manifest, target: TargetProfile, precision: s
             from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
 
             if feeds is None:
-                quantize_dynamic(str(src_path), str(dst), weight_type=QuantType.QInt8, per_channel=True)
+                with _quiet_root_logger():
+                    quantize_dynamic(str(src_path), str(dst), weight_type=QuantType.QInt8, per_channel=True)
             else:
                 # U8 activations / S8 weights: ORT's CPU default (its int8 kernels are U8S8)
-                quantize_static(str(src_path), str(dst), _Reader(feeds[name]), quant_format=QuantFormat.QDQ,
-                                per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+                with _quiet_root_logger():
+                    quantize_static(str(src_path), str(dst), _Reader(feeds[name]), quant_format=QuantFormat.QDQ,
+                                    per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
         built = onnx.load(str(dst), load_external_data=False)
         if built.ir_version > 10:
             built.ir_version = 10  # ORT 1.31 reads <= 13; keep what the exporter wrote

@@ -64,6 +64,8 @@ def test_run_builds_model_and_checks_decode(tmp_path, capsys, monkeypatch):
                               "--kv-cache", "state", "--seq", "8"], capsys, monkeypatch)
     assert code == 0, err
     assert (out_dir / "model" / "model.safetensors").exists() and "decode_max_abs_err" in out
+    assert (out_dir / "onnx" / "prefill.onnx").exists() and (out_dir / "build" / "cpu" / "decode.onnx").exists()
+    assert out.rstrip().endswith("PASS")
     err_value = float(out.split("decode_max_abs_err=")[1].split(",")[0])
     assert err_value <= 1e-5
 
