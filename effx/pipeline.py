@@ -83,7 +83,7 @@ def check_build(model, build_dir: Path, batch: int, seq: int, seed: int = 0) -> 
     elif "model" in info.graphs:
         got = session("model").run(None, {"input_ids": ids.numpy()})[0]
     else:  # prefill half the tokens, decode the rest one by one, feeding the cache back
-        got = _decode(session("prefill"), session("decode"), manifest, ids.numpy(), max(1, seq // 2))
+        got = ort_decode_loop(session("prefill"), session("decode"), manifest, ids.numpy(), max(1, seq // 2))
     ort_ms = (time.perf_counter() - t0) * 1e3
     with torch.inference_mode():
         ref = model(ids).numpy()
@@ -96,7 +96,10 @@ def check_build(model, build_dir: Path, batch: int, seq: int, seed: int = 0) -> 
             "passed": max_abs <= tol_abs and cosine >= tol_cos}
 
 
-def _decode(prefill, decode, manifest, ids: np.ndarray, prompt: int) -> np.ndarray:
+def ort_decode_loop(prefill, decode, manifest, ids: np.ndarray, prompt: int,
+                    block_table: np.ndarray | None = None) -> np.ndarray:
+    """Drive ONNX Runtime sessions of the prefill and decode graphs as a host would, following the manifest's
+    cache plan: prefill `prompt` tokens, then decode the rest one by one. Returns logits (B, N, V)."""
     plan = manifest.kv_cache
     batch, n = ids.shape
     feed: dict[str, np.ndarray] = {"input_ids": ids[:, :prompt]}
@@ -105,8 +108,8 @@ def _decode(prefill, decode, manifest, ids: np.ndarray, prompt: int) -> np.ndarr
         from effx.targets.ort_build import _paged_controls
 
         controls = _paged_controls(plan, batch, n, prompt)
-        table = controls["block_table"]
-        feed |= controls | {t.input: np.zeros(t.shape, np.float32) for t in plan.tensors}
+        table = controls["block_table"] if block_table is None else block_table
+        feed |= controls | {"block_table": table} | {t.input: np.zeros(t.shape, np.float32) for t in plan.tensors}
     names = [o.name for o in prefill.get_outputs()]
     outs = prefill.run(None, feed)
     logits = [outs[0]]

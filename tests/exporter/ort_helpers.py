@@ -18,26 +18,10 @@ def session(path: Path) -> ort.InferenceSession:
 
 def decode_in_ort(folder: Path, manifest: Manifest, ids: np.ndarray, prompt: int, block_table: np.ndarray | None = None):
     """Prefill `prompt` tokens, then decode the rest one by one; returns logits (B, N, V)."""
-    prefill = session(folder / manifest.graphs["prefill"].file)
-    decode = session(folder / manifest.graphs["decode"].file)
-    batch, n = ids.shape
-    plan = manifest.kv_cache
-    feed = {"input_ids": ids[:, :prompt]}
-    if plan.layout == "paged":
-        feed |= {"new_lengths": np.full(batch, prompt, np.int64), "block_table": block_table}
-        feed |= {t.input: np.zeros(t.shape, np.float32) for t in plan.tensors}
-    names = [o.name for o in prefill.get_outputs()]
-    outs = prefill.run(None, feed)
-    logits = [outs[0]]
-    state = {n.replace("present.", "past.", 1): v for n, v in zip(names[1:], outs[1:], strict=True)}
-    for t in range(prompt, n):
-        feed = {"input_ids": ids[:, t:t + 1], "past_lengths": np.full(batch, t, np.int64)} | state
-        if plan.layout == "paged":
-            feed |= {"new_lengths": np.ones(batch, np.int64), "block_table": block_table}
-        outs = decode.run(None, feed)
-        logits.append(outs[0])
-        state = {n.replace("present.", "past.", 1): v for n, v in zip(names[1:], outs[1:], strict=True)}
-    return np.concatenate(logits, axis=1)
+    from effx.pipeline import ort_decode_loop
+
+    return ort_decode_loop(session(folder / manifest.graphs["prefill"].file),
+                           session(folder / manifest.graphs["decode"].file), manifest, ids, prompt, block_table)
 
 
 def empty_cache_feed(manifest: Manifest, batch: int) -> dict[str, np.ndarray]:
