@@ -122,6 +122,7 @@ def export(
     opset: int = typer.Option(23, "--opset", help="ai.onnx opset (18-26); 23+ turns full attention into ONNX Attention"),
     inline: bool = typer.Option(False, "--inline", help="plain ONNX: inline the effx functions, no custom domain"),
     max_batch: int = typer.Option(8, "--max-batch", min=1, help="largest batch in the recorded shape ranges"),
+    trt_plugins: bool = typer.Option(False, "--trt-plugins", help="mark effx nodes for TensorRT's AOT plugins (aot=1)"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace a non-empty output folder"),
     overrides: dict | None = None,
 ) -> None:
@@ -135,7 +136,7 @@ def export(
     model = _load_or_build(spec_file, model_dir, overrides or {})
     with _progress("export") as say:
         manifest = export_model(model, output, opset=opset, inline=inline, max_batch=max_batch, overwrite=overwrite,
-                                progress=say)
+                                progress=say, trt_plugins=trt_plugins)
     for name, g in manifest.graphs.items():
         typer.echo(f"wrote {output / g.file} ({name}: {', '.join(i.name for i in g.inputs[:4])}"
                    f"{', ...' if len(g.inputs) > 4 else ''} -> {', '.join(o.name for o in g.outputs[:3])}"

@@ -34,6 +34,7 @@ def check_opset(opset: int) -> None:
 def export_model(
     model: EffxModel, out_dir: str | Path, opset: int = DEFAULT_OPSET, inline: bool = False,
     max_batch: int = 8, overwrite: bool = False, progress: Callable[[str], None] | None = None,
+    trt_plugins: bool = False,
 ) -> Manifest:
     """Export `model` to `out_dir`: model.onnx (encoders, decoders without cache) or prefill.onnx + decode.onnx,
     and manifest.json. Nothing is left at out_dir if anything fails."""
@@ -53,6 +54,9 @@ def export_model(
                 onnx.helper.set_model_props(proto, {**{p.key: p.value for p in proto.metadata_props},
                                                     f"effx.dim.{dim}": f"min={lo} opt={opt} max={hi}"})
             counts.update(ox.custom_op_counts(proto))
+            if trt_plugins:
+                ox.stamp_plugin_nodes(proto)
+                onnx.checker.check_model(proto, full_check=True)
             if inline:
                 proto = ox.inline(proto)
             ox.save_model(proto, tmp / f"{plan.name}.onnx")

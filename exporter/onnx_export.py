@@ -36,6 +36,44 @@ def translation_table() -> dict:
     return table
 
 
+def stamp_plugin_nodes(model: onnx.ModelProto) -> int:
+    """Make effx nodes TensorRT-plugin ready: plugin_namespace/plugin_version/aot=1 (the QDP AOT rules), and
+    the inputs a plugin's fixed signature needs but the node may omit (an unread (1, D) omega for elu)."""
+    from effx.plugins.tensorrt_plugins import PLUGIN_SPECS, node_attributes
+
+    stamped = 0
+    for node in _all_nodes(model.graph):
+        if node.domain != DOMAIN or node.op_type not in PLUGIN_SPECS:
+            continue
+        for key, value in node_attributes().items():
+            if not any(a.name == key for a in node.attribute):
+                node.attribute.append(onnx.helper.make_attribute(key, value))
+        if node.op_type in ("LinearAttention", "LinearAttentionState"):
+            want = 5 if node.op_type == "LinearAttention" else 6
+            if len(node.input) < want or not node.input[want - 1]:
+                head_dim = _head_dim(model, node.input[0])
+                name = "effx.omega_placeholder"
+                if not any(i.name == name for i in model.graph.initializer):
+                    model.graph.initializer.append(onnx.numpy_helper.from_array(
+                        __import__("numpy").zeros((1, head_dim), "float32"), name))
+                while len(node.input) < want - 1:
+                    node.input.append("")
+                if len(node.input) < want:
+                    node.input.append(name)
+                else:
+                    node.input[want - 1] = name
+        stamped += 1
+    return stamped
+
+
+def _head_dim(model: onnx.ModelProto, value: str) -> int:
+    inferred = onnx.shape_inference.infer_shapes(model)
+    for v in list(inferred.graph.value_info) + list(inferred.graph.input):
+        if v.name == value:
+            return v.type.tensor_type.shape.dim[-1].dim_value
+    raise ExportError(f"cannot find the head dimension of {value} for the plugin placeholder")
+
+
 def export_graph(plan: GraphPlan, opset: int) -> onnx.ModelProto:
     """Export one graph and attach the effx functions; returns a checked ModelProto."""
     import torch

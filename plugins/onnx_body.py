@@ -137,11 +137,16 @@ class Body:
         return self.op("Or", self.op("And", flag, if_true), self.op("And", self.op("Not", flag), if_false))
 
 
+# Attributes TensorRT's ONNX parser reads on a plugin node (namespace, version, AOT); declared on every
+# function so a node that carries them still runs from its function body in ONNX Runtime.
+PLUGIN_NODE_ATTRIBUTES = ("plugin_namespace", "plugin_version", "aot")
+
+
 def make_function(spec: OpSpec, opset: int, body: Body, inputs: list[str], outputs: list[str]) -> onnx.FunctionProto:
     return helper.make_function(
         DOMAIN, spec.name, inputs, outputs, body.nodes,
         opset_imports=[helper.make_opsetid("", opset)],
-        attributes=list(spec.attributes),
+        attributes=list(spec.attributes) + list(PLUGIN_NODE_ATTRIBUTES),
     )
 
 

@@ -164,3 +164,20 @@ def test_large_weights_go_to_external_data(tmp_path, monkeypatch):
     assert set(manifest.files) == {"model.onnx", "model.onnx.data"}
     assert (tmp_path / "ext" / "model.onnx").stat().st_size < (tmp_path / "ext" / "model.onnx.data").stat().st_size
     assert encoder_error(tmp_path / "ext" / "model.onnx", model, 2, 8) <= TOL
+
+
+@pytest.mark.parametrize("spec_args", [("linear", {"feature_map": "elu"}), ("local", {"window": 4})],
+                         ids=lambda a: a[0] if isinstance(a, tuple) else str(a))
+def test_trt_plugin_nodes_carry_aot_attributes_and_still_run(spec_args, tmp_path):
+    kind, attention = spec_args
+    model = build_model(encoder_spec(kind, attention, n_layers=1))
+    export_model(model, tmp_path / "p", trt_plugins=True)
+    proto = onnx.load(str(tmp_path / "p" / "model.onnx"))
+    nodes = [n for n in proto.graph.node if n.domain == "effx"]
+    assert nodes
+    for node in nodes:
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        assert attrs["plugin_namespace"] == b"effx" and attrs["plugin_version"] == b"1" and attrs["aot"] == 1
+        if kind == "linear":
+            assert len(node.input) == 5 and node.input[4] == "effx.omega_placeholder"
+    assert encoder_error(tmp_path / "p" / "model.onnx", model, 2, 10, pad_last=2) <= TOL
