@@ -98,18 +98,50 @@ def run(
     opset: int = typer.Option(23, "--opset", help="ai.onnx opset of the export"),
     batch: int = typer.Option(2, "--batch", min=1, help="batch of the checks"),
     seq: int = typer.Option(16, "--seq", min=1, help="sequence length of the checks"),
+    model_dir: Optional[str] = typer.Option(None, "--model", help="a model/ folder or hf:PATH instead of a seeded init"),  # noqa: UP045
     overrides: dict | None = None,
 ) -> None:
-    """The main job: model -> ONNX export -> build for the target -> check against PyTorch."""
+    """The main job: model -> ONNX export -> build for the target -> validate against PyTorch (report/)."""
     from effx.exporter.export import check_opset
     from effx.pipeline import run_pipeline
 
     check_opset(opset)
-    spec = resolve_spec(spec_file, overrides or {})
+    model = _load_or_build(spec_file, model_dir, overrides or {}) if model_dir is not None else None
+    spec = model.spec if model is not None else resolve_spec(spec_file, overrides or {})
     with _progress("run") as say:
         result = run_pipeline(spec, output, batch=batch, seq=seq, target=target, precision=precision, opset=opset,
-                              progress=say)
+                              progress=say, model=model)
+    if result.report is not None:
+        print_report(result.report)
     typer.echo(result.summary())
+
+
+# ------------------------------------------------------------------------------------------------ import
+@app.command("import")
+@spec_flags
+def import_(
+    path: Path = typer.Argument(..., help="local Hugging Face folder (config.json + safetensors or .bin)"),
+    output: Path = typer.Option(..., "-o", "--output", help="model/ folder to write (effx weights + spec)"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace a non-empty output folder"),
+    overrides: dict | None = None,
+) -> None:
+    """Import a Hugging Face BERT, RoBERTa, DistilBERT, GPT-2 or Llama folder; --attention swaps the attention."""
+    from effx.atomic import atomic_dir, check_output_dir
+    from effx.models import save_model
+    from effx.models.hf_import import import_hf
+
+    check_output_dir(output, overwrite)
+    with _progress("import") as say:
+        say(f"reading {path}")
+        model = import_hf(path, overrides or {})
+        with atomic_dir(output, overwrite=overwrite) as tmp:
+            save_model(model, tmp)
+    spec = model.spec
+    typer.echo(f"wrote {output} ({model.origin['model_type']} -> effx {spec.model.family}, {spec.model.n_layers} "
+               f"layers, d_model {spec.model.d_model}, attention {spec.attention.kind}, kv cache {spec.kv_cache.layout})")
+    if spec.attention.kind != "full":
+        typer.echo("note: the attention was swapped; the model needs fine-tuning to recover the original accuracy "
+                   "(effx validate shows the drift from the original)")
 
 
 # ------------------------------------------------------------------------------------------------ export
@@ -118,7 +150,7 @@ def run(
 def export(
     spec_file: Optional[Path] = SpecArg,  # noqa: UP045 - typer reads this annotation at runtime
     output: Path = typer.Option(..., "-o", "--output", help="output folder (written atomically)"),
-    model_dir: Optional[Path] = typer.Option(None, "--model", help="export saved weights (a model/ folder) instead of a seeded init"),  # noqa: UP045
+    model_dir: Optional[str] = typer.Option(None, "--model", help="a model/ folder, or hf:PATH (a Hugging Face folder), instead of a seeded init"),  # noqa: UP045
     opset: int = typer.Option(23, "--opset", help="ai.onnx opset (18-26); 23+ turns full attention into ONNX Attention"),
     inline: bool = typer.Option(False, "--inline", help="plain ONNX: inline the effx functions, no custom domain"),
     max_batch: int = typer.Option(8, "--max-batch", min=1, help="largest batch in the recorded shape ranges"),
@@ -191,9 +223,126 @@ def build(
         typer.echo(f"wrote a device build kit -> {output}; on the device run: bash {output / 'build_on_device.sh'}")
 
 
-def _load_or_build(spec_file: Path | None, model_dir: Path | None, overrides: dict):
+# ---------------------------------------------------------------------------------------------- validate
+@app.command()
+def validate(
+    artifact: Optional[Path] = typer.Argument(None, help="build folder (or onnx/ folder) to check", show_default=False),  # noqa: UP045
+    against: str = typer.Option("torch", "--against", help="reference to compare with (the PyTorch model)"),
+    inputs: str = typer.Option("random", "--inputs", help="random | FILE.npz with input_ids (and attention_mask)"),
+    seq: str = typer.Option("16", "--seq", help="sequence lengths, comma-separated (random inputs)"),
+    batch: str = typer.Option("2", "--batch", help="batch sizes, comma-separated (random inputs)"),
+    steps: int = typer.Option(8, "--steps", min=1, help="decoders: greedy tokens to generate and compare"),
+    reference: Optional[str] = typer.Option(None, "--reference", help="model/ folder (or hf:PATH) the export came from"),  # noqa: UP045
+    output: Optional[Path] = typer.Option(None, "-o", "--output", help="report folder (default ARTIFACT.validate)"),  # noqa: UP045
+    warmup: int = typer.Option(3, "--warmup", min=0, help="latency: untimed runs first"),
+    iters: int = typer.Option(20, "--iters", min=1, help="latency: timed runs"),
+    provider: Optional[str] = typer.Option(None, "--provider", help="ONNX Runtime: cpu (default) or cuda"),  # noqa: UP045
+    plots: bool = typer.Option(True, "--plots/--no-plots", help="write PNG plots (needs effx[plot])"),
+    schema: bool = typer.Option(False, "--schema", help="print the JSON schema of report.json and exit"),
+) -> None:
+    """Check an artifact against PyTorch: errors per output, greedy tokens, first diverging layer, latency."""
+    if schema:
+        from effx.report import ValidationReport
+
+        typer.echo(json.dumps(ValidationReport.model_json_schema(), indent=2))
+        return
+    if artifact is None:
+        from effx.errors import SpecError
+
+        raise SpecError("effx validate needs the folder to check: effx validate OUT/build/cpu")
+    from effx.validate import check_passed, parse_int_list
+    from effx.validate import validate as validate_api
+
+    seqs, batches = parse_int_list(seq, "--seq"), parse_int_list(batch, "--batch")
+    with _progress("validate") as say:
+        report = validate_api(artifact, against, inputs, seqs, batches, steps, reference, output, warmup, iters,
+                              plots, provider, progress=say, raise_on_fail=False)
+    print_report(report)
+    check_passed(report, Path(report.output))
+
+
+def print_report(report) -> None:
+    from effx.report import latency_table, rich_table
+
+    console = _console()
+    console.print(rich_table(report))
+    if report.divergence is not None:
+        console.print(f"first diverging layer: [bold]{report.divergence.layer}[/] ({report.divergence.note})")
+    for o in report.drift:
+        console.print(f"drift from the original model (attention swapped, needs fine-tuning): {o.name}: "
+                      f"max abs {o.max_abs:.3g}, cosine {o.cosine:.4f}")
+    console.print(latency_table(report))
+    verdict = "[bold green]PASS[/]" if report.passed else "[bold red]FAIL[/]"
+    console.print(f"{verdict}  report: {report.output}/report.md")
+
+
+# ------------------------------------------------------------------------------------------------- bench
+@app.command()
+def bench(
+    attention: str = typer.Option("full,linformer,local,linear", "--attention", help="kinds, comma-separated"),
+    seq: str = typer.Option("1024,4096,16384", "--seq", help="sequence lengths, comma-separated"),
+    batch: str = typer.Option("1", "--batch", help="batch sizes, comma-separated"),
+    target: str = typer.Option("cpu", "--target", "-t", help="target (ONNX Runtime targets run here)"),
+    precision: str = typer.Option("fp32", "--precision", help="fp32 | fp16 | int8"),
+    d_model: int = typer.Option(512, "--d-model", min=8, help="hidden size"),
+    heads: int = typer.Option(8, "--heads", min=1, help="attention heads"),
+    layers: int = typer.Option(1, "--layers", min=1, help="transformer blocks"),
+    param: list[str] = typer.Option([], "--param", help="KIND.FIELD=VALUE, e.g. linformer.k=256 (repeatable)"),  # noqa: B008
+    mem_limit_mb: Optional[int] = typer.Option(None, "--mem-limit-mb", min=64, help="address-space cap per cell (default 3/4 of RAM)"),  # noqa: UP045
+    warmup: int = typer.Option(1, "--warmup", min=0, help="untimed runs per cell"),
+    iters: int = typer.Option(5, "--iters", min=1, help="timed runs per cell"),
+    threads: int = typer.Option(0, "--threads", min=0, help="ONNX Runtime intra-op threads (0: all cores)"),
+    output: Path = typer.Option(Path("effx-bench"), "-o", "--output", help="folder for bench.json and plots"),
+    fresh: bool = typer.Option(False, "--fresh", help="start over instead of resuming bench.json"),
+    plots: bool = typer.Option(True, "--plots/--no-plots", help="write log-log PNG plots (needs effx[plot])"),
+) -> None:
+    """Sweep attention kinds x sequence lengths on a target: latency, peak memory, ratios against full."""
+    from effx.bench import bench as bench_api
+    from effx.bench import parse_params, table_markdown
+    from effx.validate import parse_int_list
+
+    kinds = [k.strip() for k in attention.split(",") if k.strip()]
+    seqs, batches = parse_int_list(seq, "--seq"), parse_int_list(batch, "--batch")
+    with _progress("bench") as say:
+        results = bench_api(kinds, seqs, batches, target, precision, d_model, heads, layers, parse_params(param),
+                            output, mem_limit_mb, warmup, iters, threads, fresh, plots, progress=say)
+    typer.echo("latency p50, peak memory growth (speed-up / memory saving against full)")
+    typer.echo(table_markdown(results))
+    typer.echo(f"wrote {output / 'bench.json'}" + "".join(f", {output / p}" for p in results.get("plots", [])))
+
+
+# ------------------------------------------------------------------------------------------------ bundle
+@app.command()
+def bundle(
+    build_dir: Path = typer.Argument(..., help="build folder written by `effx build`"),
+    fmt: str = typer.Option("triton", "--format", help="triton: a Triton Inference Server model repository"),
+    name: str = typer.Option("effx", "--name", help="model name prefix in the repository"),
+    output: Path = typer.Option(..., "-o", "--output", help="repository folder (written atomically)"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace a non-empty output folder"),
+) -> None:
+    """Repackage a build folder for a server: a Triton model repository (config.pbtxt per graph)."""
+    from effx.atomic import check_output_dir
+    from effx.errors import SpecError
+    from effx.targets.triton_repo import write_triton_repo
+
+    if fmt != "triton":
+        raise SpecError(f"--format {fmt}: effx bundle writes `triton` (the build folder itself is the C++ bundle)")
+    check_output_dir(output, overwrite)
+    names = write_triton_repo(build_dir, output, name, overwrite)
+    typer.echo(f"wrote {output}: " + ", ".join(f"{n}/config.pbtxt" for n in names))
+
+
+def _load_or_build(spec_file: Path | None, model_dir: Path | str | None, overrides: dict):
     from effx.models import build_model, load_model
 
+    if model_dir is not None and str(model_dir).startswith("hf:"):  # a Hugging Face folder; spec flags may swap
+        if spec_file is not None:
+            from effx.errors import SpecError
+
+            raise SpecError("--model hf:PATH takes its architecture from config.json; drop the spec file")
+        from effx.models.hf_import import import_hf
+
+        return import_hf(str(model_dir)[3:], overrides)
     if model_dir is not None:
         if spec_file is not None or overrides:
             from effx.errors import SpecError

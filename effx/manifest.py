@@ -125,6 +125,7 @@ class Manifest(_Model):
     graphs: dict[str, GraphSpec]  # "encoder", or "prefill" + "decode"
     kv_cache: CachePlan | None = None
     build: BuildInfo | None = None
+    weights: dict[str, Any] | None = None  # sha256 of the state dict the graphs were exported from, and its source
     files: dict[str, FileEntry] = Field(default_factory=dict)
 
     # -- io -------------------------------------------------------------------------------------------

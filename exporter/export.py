@@ -14,7 +14,7 @@ from effx.exporter import onnx_export as ox
 from effx.exporter.cache_plan import cache_plan
 from effx.exporter.graphs import plan_graphs
 from effx.manifest import CustomOp, DimRange, GraphSpec, Manifest, TensorSpec
-from effx.models.transformer import EffxModel
+from effx.models.transformer import EffxModel, weights_digest
 from effx.plugins.opspec import DOMAIN
 
 DEFAULT_OPSET = 23
@@ -72,6 +72,7 @@ def export_model(
             custom_ops=[] if inline else [CustomOp(domain=DOMAIN, op_type=op, version=1, count=n,
                                                    trt_plugin=f"{DOMAIN}::{op}") for op, n in sorted(counts.items())],
             graphs=graphs, kv_cache=cache_plan(model),
+            weights={"sha256": weights_digest(model), "parameters": sum(p.numel() for p in model.parameters())},
         )
         manifest.hash_files(tmp)
         manifest.write(tmp)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -51,7 +52,12 @@ class Block(nn.Module):
         self.norm2 = make_norm(m.norm, m.d_model, m.norm_eps)
         self.mlp = MLP(m.d_model, m.d_ff, m.activation, m.bias)
 
-    def forward(self, x: Tensor, positions: Tensor, key_mask: Tensor | None) -> Tensor:
+    def forward(self, x: Tensor, positions: Tensor | None = None, key_mask: Tensor | None = None, *,
+                state: LayerState | None = None, inputs: StepInputs | None = None):
+        """Whole sequence: forward(x, positions, key_mask) -> x. Cached step: forward(x, state=, inputs=) ->
+        (x, state); going through the module call puts the block's scope on every exported node."""
+        if inputs is not None:
+            return self.step(x, state, inputs)
         if self.post_norm:
             x = self.norm1(x + self.attn(x, positions, key_mask))
             return self.norm2(x + self.mlp(x))
@@ -171,7 +177,7 @@ class EffxModel(nn.Module):
         x = self.embed_tokens(input_ids, q_pos)
         new_layers = []
         for block, state in zip(self.blocks, layers, strict=True):
-            x, state = block.step(x, state, inputs)
+            x, state = block(x, state=state, inputs=inputs)
             new_layers.append(state)
         return self.head(x), new_layers
 
@@ -185,8 +191,21 @@ def build_model(spec: RunSpec) -> EffxModel:
     return model.eval()
 
 
+def weights_digest(model) -> str:
+    """sha256 over the model's state dict (names, dtypes, shapes, bytes): which weights an artifact holds."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        t = t.detach().contiguous().cpu()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 WEIGHTS_NAME = "model.safetensors"
 SPEC_NAME = "spec.json"
+ORIGIN_NAME = "origin.json"
 
 
 def save_model(model: EffxModel, folder: str | Path) -> Path:
@@ -197,6 +216,9 @@ def save_model(model: EffxModel, folder: str | Path) -> Path:
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(folder / WEIGHTS_NAME), metadata={"format": "pt", "effx_spec": model.spec.to_json()})
     (folder / SPEC_NAME).write_text(model.spec.to_json() + "\n")
+    origin = getattr(model, "origin", None)
+    if origin:  # where imported weights came from (effx validate compares a swapped attention with it)
+        (folder / ORIGIN_NAME).write_text(json.dumps(origin, indent=2) + "\n")
     return folder
 
 
@@ -213,4 +235,6 @@ def load_model(folder: str | Path) -> EffxModel:
     except RuntimeError as exc:
         first = str(exc).splitlines()[1].strip() if len(str(exc).splitlines()) > 1 else str(exc)
         raise ArtifactError(f"{folder / WEIGHTS_NAME}: weights do not match {SPEC_NAME} ({first})") from None
+    if (folder / ORIGIN_NAME).is_file():
+        model.origin = json.loads((folder / ORIGIN_NAME).read_text())
     return model.eval()

@@ -74,16 +74,9 @@ def calibration_feeds(src: Path, manifest: Manifest, batches: list[np.ndarray]) 
 
 
 def _paged_controls(plan, batch: int, total: int, prompt: int) -> dict[str, np.ndarray]:
-    """A block table giving every sequence its own consecutive blocks (enough for `total` tokens)."""
-    bs, num_blocks = int(plan.params["block_size"]), int(plan.params["num_blocks"])
-    max_blocks = next(c.shape[1] for c in plan.controls if c.name == "block_table")
-    need = -(-total // bs)
-    if need * batch > num_blocks:
-        raise EffxError(f"calibration needs {need * batch} paged blocks, the pool has {num_blocks}; use fewer samples")
-    table = np.zeros((batch, max_blocks), np.int64)
-    for b in range(batch):
-        table[b, :need] = np.arange(b * need, (b + 1) * need)
-    return {"new_lengths": np.full(batch, prompt, np.int64), "block_table": table}
+    from effx.runners import paged_controls
+
+    return paged_controls(plan, batch, total, prompt)
 
 
 @contextlib.contextmanager
