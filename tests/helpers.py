@@ -43,3 +43,16 @@ def decoder_spec(kind, layout, attention=None, cache=None, **model) -> RunSpec:
 def encoder_spec(kind, attention=None, **model) -> RunSpec:
     m = {"family": "encoder", "n_layers": 3, "max_seq_len": 48} | model
     return RunSpec.parse({"model": m, "attention": {"kind": kind} | (attention or {})})
+
+
+def decode_chunks(model, ids, chunks):
+    """Feed `ids` to model.step in chunks of the given sizes; returns (logits of all steps, final cache)."""
+    import torch
+
+    cache = model.empty_cache(ids.shape[0])
+    outs, start = [], 0
+    for size in chunks:
+        logits, cache = model.step(ids[:, start:start + size], cache)
+        outs.append(logits)
+        start += size
+    return torch.cat(outs, 1), cache

@@ -5,20 +5,13 @@ import torch
 
 from effx.models import build_model, load_model, save_model
 from effx.models.cache import PagedCache
-from tests.helpers import DECODER_CASES, ENCODER_CASES, case_id, decoder_spec, encoder_spec
+from tests.helpers import DECODER_CASES, ENCODER_CASES, case_id, decode_chunks, decoder_spec, encoder_spec
 
 TOL = 1e-5
 N = 17
 
 
-def _decode(model, ids, chunks):
-    cache = model.empty_cache(ids.shape[0])
-    outs, start = [], 0
-    for size in chunks:
-        logits, cache = model.step(ids[:, start:start + size], cache)
-        outs.append(logits)
-        start += size
-    return torch.cat(outs, 1), cache
+_decode = decode_chunks
 
 
 def test_every_compatible_decoder_pair_is_covered():
