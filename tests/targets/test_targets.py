@@ -174,3 +174,25 @@ def test_tensorrt_api_names_exist_in_the_bindings():
     words = set(strings.split())
     missing = sorted(n for n in names if n not in words and n != "__version__")
     assert not missing, missing
+
+
+def test_triton_repository_from_a_cpu_build(tmp_path_factory, tmp_path):
+    import re as _re
+
+    from effx.targets.triton_repo import write_triton_repo
+
+    _, src = _exported(tmp_path_factory, "encoder")
+    build(src, "cpu", "fp32", out_dir=tmp_path / "b")
+    names = write_triton_repo(tmp_path / "b", tmp_path / "repo")
+    assert names == ["effx_model"]
+    config = (tmp_path / "repo" / "effx_model" / "config.pbtxt").read_text()
+    assert 'platform: "onnxruntime_onnx"' in config and "max_batch_size: 0" in config
+    tensors = _re.findall(r'name: "([^"]+)"\s+data_type: (\w+)\s+dims: \[ ([^\]]*) \]', config)
+    assert tensors == [("input_ids", "TYPE_INT64", "-1, -1"), ("attention_mask", "TYPE_INT64", "-1, -1"),
+                       ("last_hidden_state", "TYPE_FP32", "-1, -1, 64")]
+    ids = np.random.default_rng(0).integers(0, 1000, (2, 6))
+    feed = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+    got = session(tmp_path / "repo" / "effx_model" / "1" / "model.onnx").run(None, feed)[0]
+    assert np.array_equal(got, session(tmp_path / "b" / "model.onnx").run(None, feed)[0])
+    with pytest.raises(Exception, match="not a built bundle"):
+        write_triton_repo(src, tmp_path / "repo2")
