@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import shutil
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -130,7 +131,13 @@ def build_ort(src: Path, manifest: Manifest, target: TargetProfile, precision: s
             # Cast and ConstantOfShape carry their float type in an attribute the converter leaves alone:
             # keep them in fp32 and let the converter cast around them
             blocked = list(float16.DEFAULT_OP_BLOCK_LIST) + ["Cast", "ConstantOfShape"]
-            m16 = float16.convert_float_to_float16(onnx.load(str(src_path)), keep_io_types=True, op_block_list=blocked)
+            with warnings.catch_warnings():  # float32 lowest (mask fill) -> fp16 -1e4: still masks after softmax
+                warnings.filterwarnings("ignore", message="the float32 number", category=UserWarning)
+                m16 = float16.convert_float_to_float16(_split_consumed_outputs(onnx.load(str(src_path))),
+                                                       keep_io_types=True, op_block_list=blocked)
+            # the converter rewrites value_info to fp16 even where a blocked op keeps a tensor in fp32 (seen on
+            # the hourglass's pooled positions); value_info is optional: drop it, shape inference recomputes it
+            del m16.graph.value_info[:]
             onnx.save_model(m16, str(dst))
         else:
             from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
@@ -158,10 +165,27 @@ def build_ort(src: Path, manifest: Manifest, target: TargetProfile, precision: s
                      extra={"calibration": None if feeds is None else {"source": calib, "batches": samples}})
 
 
+def _split_consumed_outputs(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Give every graph output that nodes also read (a decoder's present.* cache: returned and attended to in
+    the same step) its own Identity, so the fp16 converter's float32 output cast does not feed the fp16 ops
+    that read the tensor inside the graph."""
+    graph = model.graph
+    outputs = {o.name for o in graph.output}
+    read = {i for n in graph.node for i in n.input} & outputs
+    for name in sorted(read):
+        inner = f"{name}__inner"
+        for n in graph.node:
+            n.output[:] = [inner if o == name else o for o in n.output]
+            n.input[:] = [inner if i == name else i for i in n.input]
+        graph.node.append(onnx.helper.make_node("Identity", [inner], [name], name=f"{name}__output"))
+    return model
+
+
 def _save_optimized(src: Path, dst: Path, target: TargetProfile) -> None:
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
     opts.optimized_model_filepath = str(dst)
+    opts.log_severity_level = 3  # fp16 graphs: "cannot constant fold" notices about ops ORT has no CPU fp16 kernel for
     ort.InferenceSession(str(src), opts, providers=["CPUExecutionProvider"])

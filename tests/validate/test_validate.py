@@ -149,3 +149,18 @@ def test_inputs_file_and_bad_inputs(tmp_path_factory, tmp_path, capsys, monkeypa
                          [["--against", "tensorflow"], "--against"]):
         code, _, err = run_cli(["validate", str(folder), *args], capsys, monkeypatch)
         assert code == 2 and needle in err and len(err.strip().splitlines()) == 1, (args, err)
+
+
+@pytest.mark.parametrize("kind,layout,attention", [
+    ("full", "contiguous", {}), ("local", "ring", {"window": 4}), ("linear", "state", {"feature_map": "elu"}),
+    ("hierarchical", "multiscale", {"factors": [1, 2]}),
+], ids=["full-contiguous", "local-ring", "linear-state", "hierarchical-multiscale"])
+def test_every_cache_protocol_validates_in_fp16(kind, layout, attention, tmp_path):
+    # fp16 also checks the build keeps present.* (returned and read in the same step) consistent in type
+    model = build_model(decoder_spec(kind, layout, attention, n_layers=3))
+    export_model(model, tmp_path / "onnx")
+    build(tmp_path / "onnx", "cpu", "fp16", out_dir=tmp_path / "fp16")
+    report = validate(tmp_path / "fp16", seqs=[11], batches=[2], steps=5, iters=1, plots=False)
+    (case,) = report.cases
+    assert report.passed and report.precision == "fp16" and case.decode.greedy_steps == 5
+    assert 0 < max(case.decode.step_max_abs) <= 0.1  # fp16: not exact, within its tolerance
