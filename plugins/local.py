@@ -86,10 +86,115 @@ SPEC = register_op(
 
 # -- ONNX ---------------------------------------------------------------------------------------------
 def _body(b, static):
-    qp, kp, valid = b.positions("q_pos", "k_pos")
-    allowed = b.local_mask(qp, kp, valid, b.attr_int("window"))
-    b.output(b.softmax_attention("q", "k", "v", allowed), "y")
+    """Two forms, chosen at run time like the torch op chooses: a whole sequence longer than a few windows
+    (q_pos = arange, k_pos in {arange, -1}) takes the banded form, O(n w) memory; caches (ring slots,
+    offsets, single decode steps) and short sequences take the dense masked form."""
+    from onnx import TensorProto, helper
+
+    window = b.attr_int("window")  # attribute references stay in the function body, not in the branches
+    scale = b.attr_float_like("scale", "q")
+    causal = b.op("Cast", b.attr_int("causal"), to=TensorProto.BOOL)
+
+    dense = type(b)(f"{b.prefix}_dense")
+    qp, kp, valid = dense.positions("q_pos", "k_pos")
+    y_dense = dense.softmax_attention("q", "k", "v", _window_mask(dense, qp, kp, valid, window, causal), scale=scale)
+    banded = type(b)(f"{b.prefix}_banded")
+    y_banded = _banded(banded, window, scale, causal)
+
+    def branch(body, y, name):
+        return helper.make_graph(body.nodes, name, [], [helper.make_empty_tensor_value_info(y)])
+
+    b.op("If", _whole_long_sequence(b, window), then_branch=branch(banded, y_banded, "banded"),
+         else_branch=branch(dense, y_dense, "dense"))
+    b.output(b.nodes[-1].output[0], "y")
     return ["q", "k", "v", "q_pos", "k_pos"], ["y"]
+
+
+def _window_mask(b, qp: str, kp: str, valid: str, window: str, causal: str) -> str:
+    causal_ok = b.op("And", b.op("LessOrEqual", kp, qp), b.op("Greater", kp, b.op("Sub", qp, window)))
+    sym_ok = b.op("Less", b.op("Abs", b.op("Sub", qp, kp)), window)
+    either = b.op("Or", b.op("And", causal, causal_ok), b.op("And", b.op("Not", causal), sym_ok))
+    return b.op("And", valid, either)
+
+
+def _whole_long_sequence(b, window: str) -> str:
+    """The banded form's precondition, as the torch op checks it: Nq == Nk > 2w + 128, q_pos[b, i] = i,
+    k_pos[b, j] in {j, -1}."""
+    from onnx import TensorProto
+
+    nq, nk = b.dim("q", 2), b.dim("k", 2)
+    same = b.op("Equal", nq, nk)
+    long = b.op("Greater", nq, b.op("Add", b.op("Mul", window, b.ints(2)), b.ints(128)))
+    ar_q = b.op("Range", b.scalar(0), b.op("Squeeze", nq), b.scalar(1))
+    ar_k = b.op("Range", b.scalar(0), b.op("Squeeze", nk), b.scalar(1))
+
+    def all_true(x):
+        return b.op("Equal", b.op("ReduceMin", b.op("Cast", x, to=TensorProto.INT64), keepdims=0), b.scalar(1))
+
+    q_ok = all_true(b.op("Equal", "q_pos", ar_q))
+    k_ok = all_true(b.op("Or", b.op("Equal", "k_pos", ar_k), b.op("Equal", "k_pos", b.ints(-1))))
+    cond = b.op("And", b.op("And", same, long), b.op("Unsqueeze", b.op("And", q_ok, k_ok), b.ints(0)))
+    return b.op("Squeeze", cond)
+
+
+def _banded(b, window: str, scale: str, causal: str) -> str:
+    """Queries in blocks of w against the previous, own and next key block (3w keys): scores
+    (B, H, n/w, w, 3w) instead of (B, H, n, n). A query with no allowed key gets the mean of every value,
+    as in the dense form."""
+    from onnx import TensorProto
+
+    k, v = b.expand_kv("k", "q"), b.expand_kv("v", "q")  # (B,H,N,D)
+    n = b.dim("q", 2)
+    nb = b.op("Div", b.op("Sub", b.op("Add", n, window), b.ints(1)), window)  # ceil(n / w)
+    pad = b.op("Sub", b.op("Mul", nb, window), n)
+    zeros2 = b.ints(0, 0)
+
+    def pad_seq(x, begin, end, rank, value=None):  # pad axis 2 (rank 4) or axis 1 (rank 2)
+        if rank == 4:
+            pads = b.op("Concat", zeros2, begin, b.ints(0), zeros2, end, b.ints(0), axis=0)
+        else:
+            pads = b.op("Concat", b.ints(0), begin, b.ints(0), end, axis=0)
+        return b.op("Pad", x, pads, *([value] if value is not None else []))
+
+    def blocks(x, rank):  # (..., nb * w, [D]) -> (..., nb, w, [D])
+        shape = b.op("Concat", zeros2, nb, window, b.ints(-1), axis=0) if rank == 4 else \
+            b.op("Concat", b.ints(0), nb, window, axis=0)
+        return b.op("Reshape", x, shape)
+
+    def neighbours(x, rank, value=None):  # previous | own | next block of keys: (..., nb, 3w, [D])
+        full = pad_seq(x, window, b.op("Add", pad, window), rank, value)  # w before, pad + w after
+        axis = 2 if rank == 4 else 1
+        parts = []
+        for start in (b.ints(0), window, b.op("Mul", window, b.ints(2))):
+            end = b.op("Add", start, b.op("Mul", nb, window))
+            parts.append(blocks(b.op("Slice", full, start, end, b.ints(axis)), rank))
+        return b.op("Concat", *parts, axis=axis + 1)  # along the block's w axis
+
+    minus1 = b.op("Constant", value=_int64_scalar(-1))
+    q_blocks = blocks(pad_seq("q", b.ints(0), pad, 4), 4)  # (B,H,nb,w,D)
+    k3, v3 = neighbours(k, 4), neighbours(v, 4)  # (B,H,nb,3w,D)
+    qp = blocks(pad_seq("q_pos", b.ints(0), pad, 2), 2)  # (B,nb,w)
+    kp = neighbours("k_pos", 2, minus1)  # (B,nb,3w), -1 beyond the sequence
+    qp5 = b.op("Unsqueeze", qp, b.ints(1, 4))  # (B,1,nb,w,1)
+    kp5 = b.op("Unsqueeze", kp, b.ints(1, 3))  # (B,1,nb,1,3w)
+    allowed = _window_mask(b, qp5, kp5, b.op("GreaterOrEqual", kp5, b.ints(0)), window, causal)
+    scores = b.op("MatMul", b.op("Mul", q_blocks, scale), b.op("Transpose", k3, perm=[0, 1, 2, 4, 3]))
+    from effx.plugins.onnx_body import MASK_VALUE
+
+    scores = b.op("Where", allowed, scores, b.float_like(MASK_VALUE, scores))
+    y = b.op("MatMul", b.op("Softmax", scores, axis=-1), v3)  # (B,H,nb,w,D)
+    any_key = b.op("Cast", b.op("ReduceMax", b.op("Cast", allowed, to=TensorProto.INT32), b.ints(-1), keepdims=1),
+                   to=TensorProto.BOOL)  # (B,1,nb,w,1)
+    v_mean = b.op("Unsqueeze", b.op("ReduceMean", v, b.ints(2), keepdims=1), b.ints(2))  # (B,H,1,1,D)
+    y = b.op("Where", any_key, y, v_mean)
+    y = b.op("Reshape", y, b.op("Concat", zeros2, b.ints(-1), b.dim("q", 3), axis=0))  # (B,H,nb*w,D)
+    return b.op("Slice", y, b.ints(0), n, b.ints(2))
+
+
+def _int64_scalar(value: int):
+    from onnx import TensorProto, helper
+
+    return helper.make_tensor("c", TensorProto.INT64, [], [value])
 
 
 def _translation(q, k, v, q_pos, k_pos, window: int, causal: bool, scale: float):

@@ -90,10 +90,12 @@ class Body:
         expanded = self.op("Expand", k5, self.op("Concat", b, hkv, groups, n, d, axis=0))
         return self.op("Reshape", expanded, self.op("Concat", b, hq, n, d, axis=0))
 
-    def softmax_attention(self, q: str, k: str, v: str, allowed: str | None, scale_attr: str = "scale") -> str:
-        """softmax((scale Q) K^T, masked) V; Q is scaled before the first MatMul (TensorRT's MHA fusion needs that)."""
+    def softmax_attention(self, q: str, k: str, v: str, allowed: str | None, scale_attr: str = "scale",
+                          scale: str | None = None) -> str:
+        """softmax((scale Q) K^T, masked) V; Q is scaled before the first MatMul (TensorRT's MHA fusion needs that).
+        `scale` (a value) replaces the attribute inside If branches, where attribute references cannot go."""
         k, v = self.expand_kv(k, q), self.expand_kv(v, q)
-        qs = self.op("Mul", q, self.attr_float_like(scale_attr, q))
+        qs = self.op("Mul", q, scale if scale is not None else self.attr_float_like(scale_attr, q))
         scores = self.op("MatMul", qs, self.op("Transpose", k, perm=[0, 1, 3, 2]))  # (B,H,Nq,Nk)
         if allowed is not None:
             scores = self.op("Where", allowed, scores, self.float_like(MASK_VALUE, scores))
