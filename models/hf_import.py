@@ -265,8 +265,22 @@ def _norm(out: dict, dst: str, ck: _Checkpoint, src: str, bias: bool = True) -> 
         out[f"{dst}.bias"] = ck(f"{src}.bias")
 
 
-def _map_bert(ck: _Checkpoint, spec: RunSpec, config: dict) -> dict:
+# BERT-family checkpoint names per effx role; {s} is the layer prefix
+_ENCODER_NAMES = {
+    "bert": {"layer": "encoder.layer.{i}", "q_proj": "{s}.attention.self.query", "k_proj": "{s}.attention.self.key",
+             "v_proj": "{s}.attention.self.value", "o_proj": "{s}.attention.output.dense",
+             "norm1": "{s}.attention.output.LayerNorm", "mlp.up": "{s}.intermediate.dense",
+             "mlp.down": "{s}.output.dense", "norm2": "{s}.output.LayerNorm"},
+    "distilbert": {"layer": "transformer.layer.{i}", "q_proj": "{s}.attention.q_lin", "k_proj": "{s}.attention.k_lin",
+                   "v_proj": "{s}.attention.v_lin", "o_proj": "{s}.attention.out_lin", "norm1": "{s}.sa_layer_norm",
+                   "mlp.up": "{s}.ffn.lin1", "mlp.down": "{s}.ffn.lin2", "norm2": "{s}.output_layer_norm"},
+}
+
+
+def _map_post_norm_encoder(ck: _Checkpoint, spec: RunSpec, config: dict) -> dict:
+    """BERT, RoBERTa, DistilBERT: embeddings (+ folded token type 0), then post-norm blocks."""
     m = spec.model
+    names = _ENCODER_NAMES["distilbert" if config["model_type"] == "distilbert" else "bert"]
     off = _roberta_offset(config)
     out = {"embed.weight": ck("embeddings.word_embeddings.weight")}
     pos = ck("embeddings.position_embeddings.weight")[off:off + m.max_seq_len]
@@ -275,30 +289,13 @@ def _map_bert(ck: _Checkpoint, spec: RunSpec, config: dict) -> dict:
     out["pos_embed.weight"] = pos
     _norm(out, "embed_norm", ck, "embeddings.LayerNorm")
     for i in range(m.n_layers):
-        s, d = f"encoder.layer.{i}", f"blocks.{i}"
-        for hf, fx in (("query", "q_proj"), ("key", "k_proj"), ("value", "v_proj")):
-            _linear(out, f"{d}.attn.{fx}", ck(f"{s}.attention.self.{hf}.weight"), ck(f"{s}.attention.self.{hf}.bias"))
-        _linear(out, f"{d}.attn.o_proj", ck(f"{s}.attention.output.dense.weight"), ck(f"{s}.attention.output.dense.bias"))
-        _norm(out, f"{d}.norm1", ck, f"{s}.attention.output.LayerNorm")
-        _linear(out, f"{d}.mlp.up", ck(f"{s}.intermediate.dense.weight"), ck(f"{s}.intermediate.dense.bias"))
-        _linear(out, f"{d}.mlp.down", ck(f"{s}.output.dense.weight"), ck(f"{s}.output.dense.bias"))
-        _norm(out, f"{d}.norm2", ck, f"{s}.output.LayerNorm")
-    return out
-
-
-def _map_distilbert(ck: _Checkpoint, spec: RunSpec, config: dict) -> dict:
-    m = spec.model
-    out = {"embed.weight": ck("embeddings.word_embeddings.weight"),
-           "pos_embed.weight": ck("embeddings.position_embeddings.weight")[:m.max_seq_len]}
-    _norm(out, "embed_norm", ck, "embeddings.LayerNorm")
-    for i in range(m.n_layers):
-        s, d = f"transformer.layer.{i}", f"blocks.{i}"
-        for hf, fx in (("q_lin", "q_proj"), ("k_lin", "k_proj"), ("v_lin", "v_proj"), ("out_lin", "o_proj")):
-            _linear(out, f"{d}.attn.{fx}", ck(f"{s}.attention.{hf}.weight"), ck(f"{s}.attention.{hf}.bias"))
-        _norm(out, f"{d}.norm1", ck, f"{s}.sa_layer_norm")
-        _linear(out, f"{d}.mlp.up", ck(f"{s}.ffn.lin1.weight"), ck(f"{s}.ffn.lin1.bias"))
-        _linear(out, f"{d}.mlp.down", ck(f"{s}.ffn.lin2.weight"), ck(f"{s}.ffn.lin2.bias"))
-        _norm(out, f"{d}.norm2", ck, f"{s}.output_layer_norm")
+        s, d = names["layer"].format(i=i), f"blocks.{i}"
+        for role in ("q_proj", "k_proj", "v_proj", "o_proj", "mlp.up", "mlp.down"):
+            src = names[role].format(s=s)
+            dst = f"{d}.attn.{role}" if role.endswith("_proj") else f"{d}.{role}"
+            _linear(out, dst, ck(f"{src}.weight"), ck(f"{src}.bias"))
+        for role in ("norm1", "norm2"):
+            _norm(out, f"{d}.{role}", ck, names[role].format(s=s))
     return out
 
 
@@ -349,7 +346,7 @@ def _map_llama(ck: _Checkpoint, spec: RunSpec, config: dict) -> dict:
 # prefixes under which each architecture's base-model tensors may sit (base model saved alone, or a task model)
 _PREFIXES = {"bert": ("", "bert."), "roberta": ("", "roberta."), "distilbert": ("", "distilbert."),
              "gpt2": ("transformer.", ""), "llama": ("model.", "")}
-_MAPPERS = {"bert": _map_bert, "roberta": _map_bert, "distilbert": _map_distilbert, "gpt2": _map_gpt2,
+_MAPPERS = {"bert": _map_post_norm_encoder, "roberta": _map_post_norm_encoder, "distilbert": _map_post_norm_encoder, "gpt2": _map_gpt2,
             "llama": _map_llama}
 
 
