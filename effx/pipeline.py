@@ -104,10 +104,11 @@ def run_pipeline(spec: RunSpec, output: Path, batch: int = 2, seq: int = 16, con
         built = build(tmp / "onnx", profile.name, precision, out_dir=tmp / "build" / profile.name, progress=say)
         result.stages["build"] = {"target": profile.name, "engine_built": built.build.engine_built,
                                   "folder": f"build/{profile.name}/"}
-    if profile.backend == "ort":  # validated in place, after the rename: the report names the final folders
+    if built.build.engine_built:  # validated in place, after the rename: the report names the final folders
         from effx.validate import validate
 
-        report = validate(output / "build" / profile.name, seqs=[min(seq, spec.model.max_seq_len)], batches=[batch],
+        check_seq = min(max(seq, 2 if spec.model.family == "decoder" else 1), spec.model.max_seq_len)
+        report = validate(output / "build" / profile.name, seqs=[check_seq], batches=[batch],
                           output=output / "report", iters=10, progress=say, raise_on_fail=False)
         result.report = report
         result.passed = report.passed

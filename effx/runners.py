@@ -132,6 +132,10 @@ class TorchRunner(Runner):
 def _ort_providers(preferred: str | None = None) -> list[str]:
     import onnxruntime as ort
 
+    if preferred not in (None, "cpu", "cuda"):
+        from effx.errors import SpecError
+
+        raise SpecError(f"--provider {preferred}: ONNX Runtime runners take cpu or cuda (TensorRT builds run as engines)")
     available = ort.get_available_providers()
     if preferred == "cuda":
         if "CUDAExecutionProvider" not in available:

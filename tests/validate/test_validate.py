@@ -146,7 +146,7 @@ def test_inputs_file_and_bad_inputs(tmp_path_factory, tmp_path, capsys, monkeypa
     assert report.passed and (report.cases[0].batch, report.cases[0].seq) == (3, 7)
     for args, needle in ([["--inputs", str(tmp_path / "none.npz")], "no such file"],
                          [["--seq", "0"], "positive"], [["--seq", "999"], "max_seq_len"],
-                         [["--against", "tensorflow"], "--against"]):
+                         [["--against", "tensorflow"], "--against"], [["--provider", "tpu"], "--provider"]):
         code, _, err = run_cli(["validate", str(folder), *args], capsys, monkeypatch)
         assert code == 2 and needle in err and len(err.strip().splitlines()) == 1, (args, err)
 
