@@ -66,8 +66,10 @@ def bench(kinds: list[str], seqs: list[int], batches: list[int] | None = None, t
           precision: str = "fp32", d_model: int = 512, heads: int = 8, layers: int = 1,
           params: dict[str, dict[str, Any]] | None = None, output: str | Path = "bench",
           mem_limit_mb: int | None = None, warmup: int = 1, iters: int = 5, threads: int = 0,
-          fresh: bool = False, plots: bool = True, progress: Say | None = None) -> dict:
-    """Run the sweep; returns the results dict also written to `output`/bench.json."""
+          fresh: bool = False, plots: bool = True, progress: Say | None = None,
+          on_cell: Callable[[int, int], None] | None = None) -> dict:
+    """Run the sweep; returns the results dict also written to `output`/bench.json. `progress` gets what is
+    being done, `on_cell(done, total)` the count of cells to run in this call (for a progress bar)."""
     from effx.spec import RunSpec
     from effx.targets.precision import check_request
     from effx.targets.profiles import get_target
@@ -92,6 +94,8 @@ def bench(kinds: list[str], seqs: list[int], batches: list[int] | None = None, t
     results = _load_previous(results_path, config, fresh)
     done = {(c["kind"], c["seq"], c["batch"]) for c in results["cells"]}
     todo = [(k, n, b) for k in kinds for n in seqs for b in batches if (k, n, b) not in done]
+    tick = on_cell or (lambda _done, _total: None)
+    tick(0, len(todo))
     if todo:
         with tempfile.TemporaryDirectory(prefix="effx-bench-") as work:
             built: dict[str, Path] = {}
@@ -105,6 +109,7 @@ def bench(kinds: list[str], seqs: list[int], batches: list[int] | None = None, t
                                         | cell)
                 results["ratios"] = ratios(results["cells"])
                 _write_json(results_path, results)
+                tick(i, len(todo))
     results["ratios"] = ratios(results["cells"])
     if plots:
         from effx._lazy import has_module

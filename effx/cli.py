@@ -303,9 +303,15 @@ def bench(
 
     kinds = [k.strip() for k in attention.split(",") if k.strip()]
     seqs, batches = parse_int_list(seq, "--seq"), parse_int_list(batch, "--batch")
-    with _progress("bench") as say:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  transient=True, console=_console(stderr=True)) as bar:
+        task = bar.add_task("bench")
         results = bench_api(kinds, seqs, batches, target, precision, d_model, heads, layers, parse_params(param),
-                            output, mem_limit_mb, warmup, iters, threads, fresh, plots, progress=say)
+                            output, mem_limit_mb, warmup, iters, threads, fresh, plots,
+                            progress=lambda msg: bar.update(task, description=f"bench: {msg}"),
+                            on_cell=lambda done, total: bar.update(task, completed=done, total=total))
     typer.echo("latency p50, peak memory growth (speed-up / memory saving against full)")
     typer.echo(table_markdown(results))
     typer.echo(f"wrote {output / 'bench.json'}" + "".join(f", {output / p}" for p in results.get("plots", [])))

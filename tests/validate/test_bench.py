@@ -15,7 +15,9 @@ from tests.cli.test_cli import run_cli
 def test_tiny_sweep_resumes_and_records_oom(tmp_path, monkeypatch):
     out = tmp_path / "b"
     kw = dict(d_model=32, heads=2, output=out, iters=2, warmup=1)
-    first = bench(["full", "linear"], [16, 64], **kw)
+    ticks = []
+    first = bench(["full", "linear"], [16, 64], on_cell=lambda done, total: ticks.append((done, total)), **kw)
+    assert ticks == [(0, 4), (1, 4), (2, 4), (3, 4), (4, 4)]
     assert [(c["kind"], c["seq"], c["status"]) for c in first["cells"]] == [
         ("full", 16, "ok"), ("full", 64, "ok"), ("linear", 16, "ok"), ("linear", 64, "ok")]
     for c in first["cells"]:
