@@ -169,8 +169,13 @@ def test_tensorrt_api_names_exist_in_the_bindings():
     strings = _bindings_strings()
     if strings is None:
         pytest.skip("tensorrt-cu13-bindings' tensorrt.so not found (set EFFX_TRT_BINDINGS_SO to check the names)")
-    source = (Path(__file__).parents[2] / "targets" / "tensorrt_build.py").read_text()
+    root = Path(__file__).parents[2]
+    source = (root / "targets" / "tensorrt_build.py").read_text()
     names = set(re.findall(r"trt\.(\w+)", source)) | set(re.findall(r"(?:config|builder|parser|network|profile)\.(\w+)", source))
+    runner = (root / "effx" / "runners.py").read_text()  # TrtRunner: runtime, engine and context calls
+    runner = runner[runner.index("class TrtRunner"):runner.index("def _torch_dtype")]
+    names |= set(re.findall(r"(?:trt|runtime|engine|ctx)\.(\w+)", runner)) - {"_trt"}
+    assert {"deserialize_cuda_engine", "set_tensor_address", "execute_async_v3", "get_tensor_mode"} <= names
     words = set(strings.split())
     missing = sorted(n for n in names if n not in words and n != "__version__")
     assert not missing, missing
