@@ -89,11 +89,11 @@ def _body(b, static):
     """Two forms, chosen at run time like the torch op chooses: a whole sequence longer than a few windows
     (q_pos = arange, k_pos in {arange, -1}) takes the banded form, O(n w) memory; caches (ring slots,
     offsets, single decode steps) and short sequences take the dense masked form."""
-    from onnx import TensorProto, helper
+    from onnx import helper
 
     window = b.attr_int("window")  # attribute references stay in the function body, not in the branches
     scale = b.attr_float_like("scale", "q")
-    causal = b.op("Cast", b.attr_int("causal"), to=TensorProto.BOOL)
+    causal = bool(static["causal"])  # structural: a causal band needs the previous key block only
 
     dense = type(b)(f"{b.prefix}_dense")
     qp, kp, valid = dense.positions("q_pos", "k_pos")
@@ -110,11 +110,12 @@ def _body(b, static):
     return ["q", "k", "v", "q_pos", "k_pos"], ["y"]
 
 
-def _window_mask(b, qp: str, kp: str, valid: str, window: str, causal: str) -> str:
-    causal_ok = b.op("And", b.op("LessOrEqual", kp, qp), b.op("Greater", kp, b.op("Sub", qp, window)))
-    sym_ok = b.op("Less", b.op("Abs", b.op("Sub", qp, kp)), window)
-    either = b.op("Or", b.op("And", causal, causal_ok), b.op("And", b.op("Not", causal), sym_ok))
-    return b.op("And", valid, either)
+def _window_mask(b, qp: str, kp: str, valid: str, window: str, causal: bool) -> str:
+    if causal:
+        ok = b.op("And", b.op("LessOrEqual", kp, qp), b.op("Greater", kp, b.op("Sub", qp, window)))
+    else:
+        ok = b.op("Less", b.op("Abs", b.op("Sub", qp, kp)), window)
+    return b.op("And", valid, ok)
 
 
 def _whole_long_sequence(b, window: str) -> str:
@@ -137,9 +138,9 @@ def _whole_long_sequence(b, window: str) -> str:
     return b.op("Squeeze", cond)
 
 
-def _banded(b, window: str, scale: str, causal: str) -> str:
-    """Queries in blocks of w against the previous, own and next key block (3w keys): scores
-    (B, H, n/w, w, 3w) instead of (B, H, n, n). A query with no allowed key gets the mean of every value,
+def _banded(b, window: str, scale: str, causal: bool) -> str:
+    """Queries in blocks of w against the previous and own key block (causal: 2w keys), and the next one
+    (symmetric: 3w keys): scores (B, H, n/w, w, 2w or 3w) instead of (B, H, n, n). A query with no allowed key gets the mean of every value,
     as in the dense form."""
     from onnx import TensorProto
 
@@ -161,22 +162,23 @@ def _banded(b, window: str, scale: str, causal: str) -> str:
             b.op("Concat", b.ints(0), nb, window, axis=0)
         return b.op("Reshape", x, shape)
 
-    def neighbours(x, rank, value=None):  # previous | own | next block of keys: (..., nb, 3w, [D])
+    def neighbours(x, rank, value=None):  # previous | own (| next) block of keys: (..., nb, 2w or 3w, [D])
         full = pad_seq(x, window, b.op("Add", pad, window), rank, value)  # w before, pad + w after
         axis = 2 if rank == 4 else 1
         parts = []
-        for start in (b.ints(0), window, b.op("Mul", window, b.ints(2))):
+        starts = (b.ints(0), window) if causal else (b.ints(0), window, b.op("Mul", window, b.ints(2)))
+        for start in starts:
             end = b.op("Add", start, b.op("Mul", nb, window))
             parts.append(blocks(b.op("Slice", full, start, end, b.ints(axis)), rank))
         return b.op("Concat", *parts, axis=axis + 1)  # along the block's w axis
 
     minus1 = b.op("Constant", value=_int64_scalar(-1))
     q_blocks = blocks(pad_seq("q", b.ints(0), pad, 4), 4)  # (B,H,nb,w,D)
-    k3, v3 = neighbours(k, 4), neighbours(v, 4)  # (B,H,nb,3w,D)
+    k3, v3 = neighbours(k, 4), neighbours(v, 4)  # (B,H,nb,2w|3w,D)
     qp = blocks(pad_seq("q_pos", b.ints(0), pad, 2), 2)  # (B,nb,w)
-    kp = neighbours("k_pos", 2, minus1)  # (B,nb,3w), -1 beyond the sequence
+    kp = neighbours("k_pos", 2, minus1)  # (B,nb,2w|3w), -1 beyond the sequence
     qp5 = b.op("Unsqueeze", qp, b.ints(1, 4))  # (B,1,nb,w,1)
-    kp5 = b.op("Unsqueeze", kp, b.ints(1, 3))  # (B,1,nb,1,3w)
+    kp5 = b.op("Unsqueeze", kp, b.ints(1, 3))  # (B,1,nb,1,2w|3w)
     allowed = _window_mask(b, qp5, kp5, b.op("GreaterOrEqual", kp5, b.ints(0)), window, causal)
     scores = b.op("MatMul", b.op("Mul", q_blocks, scale), b.op("Transpose", k3, perm=[0, 1, 2, 4, 3]))
     from effx.plugins.onnx_body import MASK_VALUE
@@ -203,3 +205,4 @@ def _translation(q, k, v, q_pos, k_pos, window: int, causal: bool, scale: float)
 
 SPEC.build_body = _body
 SPEC.translation = _translation
+SPEC.structural = ("causal",)

@@ -183,21 +183,40 @@ def test_trt_plugin_nodes_carry_aot_attributes_and_still_run(spec_args, tmp_path
     assert encoder_error(tmp_path / "p" / "model.onnx", model, 2, 10, pad_last=2) <= TOL
 
 
-def test_local_attention_long_sequences_take_the_banded_form(tmp_path):
-    """Past 2w + 128 tokens of a whole sequence the LocalAttention body runs its banded O(n w) branch; shown
-    by sabotaging the dense branch: long sequences still agree with PyTorch, short ones no longer do."""
-    model = build_model(encoder_spec("local", {"window": 4}, max_seq_len=200, n_layers=1))
-    export_model(model, tmp_path / "onnx")
-    path = tmp_path / "onnx" / "model.onnx"
-    assert encoder_error(path, model, 2, 150, pad_last=9) <= TOL  # banded (150 > 2 * 4 + 128)
-    assert encoder_error(path, model, 2, 40, pad_last=3) <= TOL  # dense
-    proto = onnx.load(str(path))
+def _sabotage_dense_branch(src, dst):
+    """A copy of the graph whose LocalAttention dense branch outputs zeros."""
+    proto = onnx.load(str(src))
     (fn,) = [f for f in proto.functions if f.name == "LocalAttention"]
     (branch,) = [a.g for n in fn.node if n.op_type == "If" for a in n.attribute if a.name == "else_branch"]
     out = branch.output[0].name
     producer = next(n for n in branch.node if out in n.output)
     producer.output[list(producer.output).index(out)] = out + "_dense"
     branch.node.append(onnx.helper.make_node("Sub", [out + "_dense", out + "_dense"], [out]))  # dense -> 0
-    onnx.save(proto, str(tmp_path / "sabotaged.onnx"))
+    onnx.save(proto, str(dst))
+
+
+def test_local_attention_long_sequences_take_the_banded_form(tmp_path):
+    """Past 2w + 128 tokens of a whole sequence the LocalAttention body runs its banded O(n w) branch; shown
+    by sabotaging the dense branch: long sequences still agree with PyTorch, short ones no longer do."""
+    model = build_model(encoder_spec("local", {"window": 4}, max_seq_len=200, n_layers=1))  # symmetric: 3w keys
+    export_model(model, tmp_path / "onnx")
+    path = tmp_path / "onnx" / "model.onnx"
+    assert encoder_error(path, model, 2, 150, pad_last=9) <= TOL  # banded (150 > 2 * 4 + 128)
+    assert encoder_error(path, model, 2, 40, pad_last=3) <= TOL  # dense
+    _sabotage_dense_branch(path, tmp_path / "sabotaged.onnx")
     assert encoder_error(tmp_path / "sabotaged.onnx", model, 2, 150, pad_last=9) <= TOL
     assert encoder_error(tmp_path / "sabotaged.onnx", model, 2, 40) > 1e-2
+
+
+def test_causal_local_prefill_takes_the_banded_form(tmp_path):
+    model = build_model(decoder_spec("local", "contiguous", {"window": 5}, max_seq_len=160, n_layers=1))  # 2w keys
+    export_model(model, tmp_path / "onnx")
+    manifest = Manifest.read(tmp_path / "onnx")
+    _sabotage_dense_branch(tmp_path / "onnx" / "prefill.onnx", tmp_path / "onnx" / "prefill.onnx")
+    ids = torch.randint(0, 1000, (2, 150), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        ref = model(ids).numpy()
+    long_prompt = decode_in_ort(tmp_path / "onnx", manifest, ids.numpy(), prompt=145)  # banded prefill
+    assert np.abs(long_prompt - ref).max() <= TOL
+    short_prompt = decode_in_ort(tmp_path / "onnx", manifest, ids[:, :20].numpy(), prompt=12)  # dense: sabotaged
+    assert np.abs(short_prompt[:, :12] - ref[:, :12]).max() > 1e-2
