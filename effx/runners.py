@@ -293,8 +293,9 @@ def open_runner(folder: Path, manifest: Manifest, provider: str | None = None, t
 
 
 # ------------------------------------------------------------------------------------------ decoder driving
-def _cache_feed(names: list[str], outs: dict[str, np.ndarray]) -> Feed:
-    return {k.replace("present.", "past.", 1): outs[k] for k in names if k.startswith("present.")}
+def cache_feed(outs: dict[str, np.ndarray]) -> Feed:
+    """A step's present.* outputs renamed to the next step's past.* inputs."""
+    return {k.replace("present.", "past.", 1): v for k, v in outs.items() if k.startswith("present.")}
 
 
 def paged_controls(plan, batch: int, total: int, prompt: int) -> Feed:
@@ -343,7 +344,7 @@ def decode_loop(infer: Callable[[Feed, str], dict[str, np.ndarray]], manifest: M
     outs = infer(feed, "prefill")
     logits = [outs["logits"]]
     for t in range(prompt, n):
-        outs = infer(step_feed(manifest, ids[:, t:t + 1], t, _cache_feed(list(outs), outs), table), "decode")
+        outs = infer(step_feed(manifest, ids[:, t:t + 1], t, cache_feed(outs), table), "decode")
         logits.append(outs["logits"])
     return logits
 
@@ -360,6 +361,6 @@ def greedy(infer: Callable[[Feed, str], dict[str, np.ndarray]], manifest: Manife
         nxt = outs["logits"][:, -1].argmax(-1).astype(np.int64)[:, None]  # (B, 1)
         tokens.append(nxt)
         if t + 1 < steps:
-            outs = infer(step_feed(manifest, nxt, prompt + t, _cache_feed(list(outs), outs), table), "decode")
+            outs = infer(step_feed(manifest, nxt, prompt + t, cache_feed(outs), table), "decode")
     return np.concatenate(tokens, axis=1)
 

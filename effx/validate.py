@@ -408,7 +408,7 @@ def measure(runner: Runner, manifest: Manifest, case: Case, warmup: int, iters: 
                            throughput=batch * seq / (p["mean_ms"] / 1e3), unit="tokens/s"))
         samples[f"{runner.name} {graph}"] = ms
         return out
-    from effx.runners import _cache_feed, prefill_feed, step_feed
+    from effx.runners import cache_feed, prefill_feed, step_feed
 
     ids = case.feed["input_ids"]
     pre = prefill_feed(manifest, ids[:, :-1], seq)
@@ -418,7 +418,7 @@ def measure(runner: Runner, manifest: Manifest, case: Case, warmup: int, iters: 
                        throughput=batch * (seq - 1) / (p["mean_ms"] / 1e3), unit="tokens/s"))
     samples[f"{runner.name} prefill"] = ms
     outs = runner.infer(pre, "prefill")
-    step = step_feed(manifest, ids[:, -1:], seq - 1, _cache_feed(list(outs), outs), pre.get("block_table"))
+    step = step_feed(manifest, ids[:, -1:], seq - 1, cache_feed(outs), pre.get("block_table"))
     ms = _time(runner, step, "decode", warmup, iters)
     p = percentiles(ms)
     out.append(Latency(runner=runner.name, graph="decode", batch=batch, seq=1, warmup=warmup, iters=iters, **p,

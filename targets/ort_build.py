@@ -51,33 +51,18 @@ def calibration_feeds(src: Path, manifest: Manifest, batches: list[np.ndarray]) 
         return {next(iter(graphs)): [
             {"input_ids": ids} | ({"attention_mask": np.ones_like(ids)} if "attention_mask" in names else {})
             for ids in batches]}
-    plan = manifest.kv_cache
+    from effx.runners import cache_feed, prefill_feed, step_feed
+
     prefill = _session(src / graphs["prefill"].file, ("CPUExecutionProvider",))
     out_names = [o.name for o in prefill.get_outputs()]
     feeds: dict[str, list[dict]] = {"prefill": [], "decode": []}
-    for ids in batches:
-        b, n = ids.shape
-        prompt, extra = ids[:, :-1], {}
-        if plan.layout == "paged":
-            extra = _paged_controls(plan, b, n, prompt.shape[1])
-            pools = {t.input: np.zeros(t.shape, np.float32) for t in plan.tensors}
-            feed = {"input_ids": prompt} | extra | pools
-        else:
-            feed = {"input_ids": prompt}
+    for ids in batches:  # the host protocol (effx.runners): prefill all but the last token, then one step
+        n = ids.shape[1]
+        feed = prefill_feed(manifest, ids[:, :-1], n)
         feeds["prefill"].append(feed)
-        outs = prefill.run(None, feed)
-        state = {k.replace("present.", "past.", 1): v for k, v in zip(out_names[1:], outs[1:], strict=True)}
-        step = {"input_ids": ids[:, -1:], "past_lengths": np.full(b, n - 1, np.int64)} | state
-        if plan.layout == "paged":
-            step |= {"new_lengths": np.ones(b, np.int64), "block_table": extra["block_table"]}
-        feeds["decode"].append(step)
+        outs = dict(zip(out_names, prefill.run(None, feed), strict=True))
+        feeds["decode"].append(step_feed(manifest, ids[:, -1:], n - 1, cache_feed(outs), feed.get("block_table")))
     return feeds
-
-
-def _paged_controls(plan, batch: int, total: int, prompt: int) -> dict[str, np.ndarray]:
-    from effx.runners import paged_controls
-
-    return paged_controls(plan, batch, total, prompt)
 
 
 @contextlib.contextmanager

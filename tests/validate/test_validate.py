@@ -164,3 +164,11 @@ def test_every_cache_protocol_validates_in_fp16(kind, layout, attention, tmp_pat
     (case,) = report.cases
     assert report.passed and report.precision == "fp16" and case.decode.greedy_steps == 5
     assert 0 < max(case.decode.step_max_abs) <= 0.1  # fp16: not exact, within its tolerance
+
+
+def test_int8_paged_decoder_calibrates_through_the_host_protocol(tmp_path_factory, tmp_path):
+    # calibration feeds for paged decoders (block tables, pools) come from effx.runners' prefill/step feeds
+    report = validate(_built(tmp_path_factory, "decoder", "int8"), seqs=[10], iters=1, plots=False,
+                      output=tmp_path / "r")
+    assert report.passed and report.precision == "int8"
+    assert all(0 < o.max_abs and o.cosine >= 0.98 for o in report.cases[0].outputs)
