@@ -37,8 +37,8 @@ def _peak_rss_mb() -> float:
 def run_cell(label: str, n: int, repeats: int, threads: int) -> dict:
     import torch
 
+    from effx.core.spec import RunSpec
     from effx.models.transformer import ATTENTION_CLASSES
-    from effx.spec import RunSpec
 
     torch.set_num_threads(threads)
     attention = KINDS[label]

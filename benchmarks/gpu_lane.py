@@ -322,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
     report["decode"] = bench_decode([int(s) for s in args.cache.split(",")], bandwidth)
     report["table_markdown"] = markdown(report)
 
-    from effx.atomic import atomic_write_text
+    from effx.core.atomic import atomic_write_text
 
     slug = re.sub(r"[^a-z0-9]+", "_", env["gpu"].lower()).strip("_")
     out = Path(args.out_dir)

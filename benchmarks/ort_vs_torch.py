@@ -23,9 +23,9 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
+from effx.core.spec import RunSpec
 from effx.exporter import export_model
 from effx.models import build_model
-from effx.spec import RunSpec
 
 
 def _session(path: Path, threads: int, profile_prefix: str | None = None) -> ort.InferenceSession:

@@ -66,7 +66,7 @@ def main() -> None:
     import onnxruntime as ort
     import torch
 
-    from effx._lazy import lazy_import
+    from effx.core.lazy import lazy_import
     from effx.exporter import export_model
     from effx.models.hf_import import import_hf
 

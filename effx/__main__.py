@@ -1,3 +1,5 @@
+"""`python -m effx`: the effx command line (effx.cli)."""
+
 from effx.cli import main
 
 if __name__ == "__main__":

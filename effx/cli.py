@@ -1,6 +1,10 @@
 """The `effx` command line: a thin skin over the Python API (every command parses flags into a RunSpec
-or paths and calls one public function). EffxError becomes one line on stderr and a non-zero exit code;
-`--debug` shows the traceback instead."""
+or paths and calls one public function with keyword arguments). EffxError becomes one line on stderr and a
+non-zero exit code; `--debug` shows the traceback instead.
+
+The API behind `run`, `import`, `export`, `build`, `validate`, `bench` and `bundle` imports torch and ONNX
+(seconds): each command imports it when it runs, so `effx --help`, `effx models` and `effx targets` start
+without them."""
 
 from __future__ import annotations
 
@@ -11,9 +15,18 @@ from pathlib import Path
 from typing import Any, Optional
 
 import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-from effx.errors import EffxError
-from effx.specflags import spec_flags
+from effx.check.report import ValidationReport, latency_table, rich_table
+from effx.check.tables import compatibility_table, kinds_table, layouts_table, targets_rich_table
+from effx.core.atomic import atomic_write_text, check_output_dir
+from effx.core.errors import EffxError, OutputPathError, SpecError
+from effx.core.spec import RunSpec, describe
+from effx.core.spec_toml import spec_to_commented_toml
+from effx.core.specflags import spec_flags
+from effx.targets.precision import check_request
+from effx.targets.profiles import get_target, targets_table
 
 app = typer.Typer(
     name="effx",
@@ -31,16 +44,12 @@ def _root(debug: bool = typer.Option(False, "--debug", help="show tracebacks ins
     _state["debug"] = debug
 
 
-def _console(stderr: bool = False):
-    from rich.console import Console
-
+def _console(stderr: bool = False) -> Console:
     return Console(stderr=stderr)
 
 
-def resolve_spec(spec_file: Path | None, overrides: dict[str, Any]):
+def resolve_spec(spec_file: Path | None, overrides: dict[str, Any]) -> RunSpec:
     """The run spec from a TOML file (or defaults) with CLI overrides applied."""
-    from effx.spec import RunSpec
-
     base = RunSpec.from_toml(spec_file) if spec_file is not None else RunSpec()
     return base.with_overrides(overrides) if overrides else base
 
@@ -52,14 +61,10 @@ SpecArg = typer.Argument(None, help="run spec (TOML); flags override its values"
 @app.command()
 def models(as_json: bool = typer.Option(False, "--json", help="machine-readable output")) -> None:
     """List attention kinds with their parameters, KV-cache layouts and the compatibility matrix."""
-    from effx.registry import describe
-
     info = describe()
     if as_json:
         typer.echo(json.dumps(info, indent=2))
         return
-    from effx.report_tables import compatibility_table, kinds_table, layouts_table
-
     console = _console()
     console.print(kinds_table(info))
     console.print(layouts_table(info))
@@ -75,14 +80,9 @@ def init(
     overrides: dict | None = None,
 ) -> None:
     """Write a commented example run spec (TOML)."""
-    from effx.errors import OutputPathError
-    from effx.spec_toml import spec_to_commented_toml
-
     spec = resolve_spec(None, overrides or {})
     if output.exists() and not force:
         raise OutputPathError(f"{output} exists; pass --force to overwrite or choose another -o")
-    from effx.atomic import atomic_write_text
-
     atomic_write_text(output, spec_to_commented_toml(spec))
     typer.echo(f"wrote {output} (attention={spec.attention.kind}, family={spec.model.family})")
 
@@ -102,15 +102,14 @@ def run(
     overrides: dict | None = None,
 ) -> None:
     """The main job: model -> ONNX export -> build for the target -> validate against PyTorch (report/)."""
-    from effx.exporter.export import check_opset
-    from effx.pipeline import run_pipeline
+    from effx import pipeline
 
-    check_opset(opset)
+    check_request(get_target(target), precision)
     model = _load_or_build(spec_file, model_dir, overrides or {}) if model_dir is not None else None
     spec = model.spec if model is not None else resolve_spec(spec_file, overrides or {})
     with _progress("run") as say:
-        result = run_pipeline(spec, output, batch=batch, seq=seq, target=target, precision=precision, opset=opset,
-                              progress=say, model=model)
+        result = pipeline.run_pipeline(spec, output, batch=batch, seq=seq, target=target, precision=precision,
+                                       opset=opset, progress=say, model=model)
     if result.report is not None:
         print_report(result.report)
     typer.echo(result.summary())
@@ -126,16 +125,12 @@ def import_(
     overrides: dict | None = None,
 ) -> None:
     """Import a Hugging Face BERT, RoBERTa, DistilBERT, GPT-2 or Llama folder; --attention swaps the attention."""
-    from effx.atomic import atomic_dir, check_output_dir
-    from effx.models import save_model
-    from effx.models.hf_import import import_hf
+    from effx.models import hf_import
 
     check_output_dir(output, overwrite)
     with _progress("import") as say:
         say(f"reading {path}")
-        model = import_hf(path, overrides or {})
-        with atomic_dir(output, overwrite=overwrite) as tmp:
-            save_model(model, tmp)
+        model = hf_import.import_to_folder(path, output, overrides=overrides or {}, overwrite=overwrite)
     spec = model.spec
     typer.echo(f"wrote {output} ({model.origin['model_type']} -> effx {spec.model.family}, {spec.model.n_layers} "
                f"layers, d_model {spec.model.d_model}, attention {spec.attention.kind}, kv cache {spec.kv_cache.layout})")
@@ -159,16 +154,14 @@ def export(
     overrides: dict | None = None,
 ) -> None:
     """Export to ONNX: one effx node (+ standard-ONNX function) per efficient-attention layer, and manifest.json."""
-    from effx.atomic import check_output_dir
-    from effx.exporter import export_model
-    from effx.exporter.export import check_opset
+    from effx import exporter
 
-    check_opset(opset)
+    exporter.check_opset(opset)
     check_output_dir(output, overwrite)
     model = _load_or_build(spec_file, model_dir, overrides or {})
     with _progress("export") as say:
-        manifest = export_model(model, output, opset=opset, inline=inline, max_batch=max_batch, overwrite=overwrite,
-                                progress=say, trt_plugins=trt_plugins)
+        manifest = exporter.export_model(model, output, opset=opset, inline=inline, max_batch=max_batch,
+                                         overwrite=overwrite, progress=say, trt_plugins=trt_plugins)
     for name, g in manifest.graphs.items():
         typer.echo(f"wrote {output / g.file} ({name}: {', '.join(i.name for i in g.inputs[:4])}"
                    f"{', ...' if len(g.inputs) > 4 else ''} -> {', '.join(o.name for o in g.outputs[:3])}"
@@ -181,14 +174,10 @@ def export(
 @app.command()
 def targets(as_json: bool = typer.Option(False, "--json", help="machine-readable output")) -> None:
     """List the deployment targets: backend, GPU arch, TensorRT versions, precisions, DLA, op flavours."""
-    from effx.targets.profiles import targets_table
-
     rows = targets_table()
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
         return
-    from effx.report_tables import targets_rich_table
-
     _console().print(targets_rich_table(rows))
 
 
@@ -204,15 +193,13 @@ def build(
     overwrite: bool = typer.Option(False, "--overwrite", help="replace a non-empty output folder"),
 ) -> None:
     """Build an exported model for a target: ONNX Runtime here, TensorRT engines (or a device kit) for GPUs."""
-    from effx.atomic import check_output_dir
-    from effx.targets.api import build as build_api
-    from effx.targets.precision import check_request
-    from effx.targets.profiles import get_target
+    from effx.targets import api
 
     check_request(get_target(target), precision, dla_core)  # capability errors before any work
     check_output_dir(output, overwrite)
     with _progress("build") as say:
-        manifest = build_api(onnx_dir, target, precision, calib, calib_samples, dla_core, output, overwrite, say)
+        manifest = api.build(onnx_dir, target=target, precision=precision, calib=calib, calib_samples=calib_samples,
+                             dla_core=dla_core, out_dir=output, overwrite=overwrite, progress=say)
     info = manifest.build
     for name, g in info.graphs.items():
         typer.echo(f"{name}: {output / g.file}")
@@ -242,28 +229,23 @@ def validate(
 ) -> None:
     """Check an artifact against PyTorch: errors per output, greedy tokens, first diverging layer, latency."""
     if schema:
-        from effx.report import ValidationReport
-
         typer.echo(json.dumps(ValidationReport.model_json_schema(), indent=2))
         return
     if artifact is None:
-        from effx.errors import SpecError
-
         raise SpecError("effx validate needs the folder to check: effx validate OUT/build/cpu")
-    from effx.validate import check_passed, parse_int_list
-    from effx.validate import validate as validate_api
+    from effx.check import validate as check
 
-    seqs, batches = parse_int_list(seq, "--seq"), parse_int_list(batch, "--batch")
+    options = check.ValidateOptions(against=against, inputs=inputs, seqs=parse_int_list(seq, "--seq"),
+                                    batches=parse_int_list(batch, "--batch"), steps=steps, warmup=warmup,
+                                    iters=iters, plots=plots, provider=provider)
     with _progress("validate") as say:
-        report = validate_api(artifact, against, inputs, seqs, batches, steps, reference, output, warmup, iters,
-                              plots, provider, progress=say, raise_on_fail=False)
+        report = check.validate(artifact, options, reference=reference, output=output, progress=say,
+                                raise_on_fail=False)
     print_report(report)
-    check_passed(report, Path(report.output))
+    check.check_passed(report, Path(report.output))
 
 
-def print_report(report) -> None:
-    from effx.report import latency_table, rich_table
-
+def print_report(report: ValidationReport) -> None:
     console = _console()
     console.print(rich_table(report))
     if report.divergence is not None:
@@ -297,23 +279,20 @@ def bench(
     plots: bool = typer.Option(True, "--plots/--no-plots", help="write log-log PNG plots (needs effx[plot])"),
 ) -> None:
     """Sweep attention kinds x sequence lengths on a target: latency, peak memory, ratios against full."""
-    from effx.bench import bench as bench_api
-    from effx.bench import parse_params, table_markdown
-    from effx.validate import parse_int_list
+    from effx.check import bench as sweep
 
     kinds = [k.strip() for k in attention.split(",") if k.strip()]
-    seqs, batches = parse_int_list(seq, "--seq"), parse_int_list(batch, "--batch")
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   transient=True, console=_console(stderr=True)) as bar:
         task = bar.add_task("bench")
-        results = bench_api(kinds, seqs, batches, target, precision, d_model, heads, layers, parse_params(param),
-                            output, mem_limit_mb, warmup, iters, threads, fresh, plots,
-                            progress=lambda msg: bar.update(task, description=f"bench: {msg}"),
-                            on_cell=lambda done, total: bar.update(task, completed=done, total=total))
+        results = sweep.bench(kinds, parse_int_list(seq, "--seq"), batches=parse_int_list(batch, "--batch"),
+                              target=target, precision=precision, d_model=d_model, heads=heads, layers=layers,
+                              params=sweep.parse_params(param), output=output, mem_limit_mb=mem_limit_mb,
+                              warmup=warmup, iters=iters, threads=threads, fresh=fresh, plots=plots,
+                              progress=lambda msg: bar.update(task, description=f"bench: {msg}"),
+                              on_cell=lambda done, total: bar.update(task, completed=done, total=total))
     typer.echo("latency p50, peak memory growth (speed-up / memory saving against full)")
-    typer.echo(table_markdown(results))
+    typer.echo(sweep.table_markdown(results))
     typer.echo(f"wrote {output / 'bench.json'}" + "".join(f", {output / p}" for p in results.get("plots", [])))
 
 
@@ -327,46 +306,45 @@ def bundle(
     overwrite: bool = typer.Option(False, "--overwrite", help="replace a non-empty output folder"),
 ) -> None:
     """Repackage a build folder for a server: a Triton model repository (config.pbtxt per graph)."""
-    from effx.atomic import check_output_dir
-    from effx.errors import SpecError
-    from effx.targets.triton_repo import write_triton_repo
+    from effx.targets import bundle as bundles
 
     if fmt != "triton":
         raise SpecError(f"--format {fmt}: effx bundle writes `triton` (the build folder itself is the C++ bundle)")
     check_output_dir(output, overwrite)
-    names = write_triton_repo(build_dir, output, name, overwrite)
+    names = bundles.write_triton_repo(build_dir, output, name=name, overwrite=overwrite)
     typer.echo(f"wrote {output}: " + ", ".join(f"{n}/config.pbtxt" for n in names))
 
 
 def _load_or_build(spec_file: Path | None, model_dir: Path | str | None, overrides: dict):
-    from effx.models import build_model, load_model
+    """The model a command works on: --model hf:PATH (spec flags may swap its attention), --model DIR (an effx
+    model folder), or the spec's seeded initialisation."""
+    if model_dir is not None and str(model_dir).startswith("hf:") and spec_file is not None:
+        raise SpecError("--model hf:PATH takes its architecture from config.json; drop the spec file")
+    if model_dir is not None and not str(model_dir).startswith("hf:") and (spec_file is not None or overrides):
+        raise SpecError("--model loads a saved spec with its weights; drop the spec file and spec flags")
+    spec = resolve_spec(spec_file, overrides) if model_dir is None else None  # spec errors before torch loads
+    from effx import models
 
-    if model_dir is not None and str(model_dir).startswith("hf:"):  # a Hugging Face folder; spec flags may swap
-        if spec_file is not None:
-            from effx.errors import SpecError
-
-            raise SpecError("--model hf:PATH takes its architecture from config.json; drop the spec file")
-        from effx.models.hf_import import import_hf
-
-        return import_hf(str(model_dir)[3:], overrides)
-    if model_dir is not None:
-        if spec_file is not None or overrides:
-            from effx.errors import SpecError
-
-            raise SpecError("--model loads a saved spec with its weights; drop the spec file and spec flags")
-        return load_model(model_dir)
-    return build_model(resolve_spec(spec_file, overrides))
+    return models.model_from(model_dir, spec, overrides)
 
 
 @contextlib.contextmanager
 def _progress(stage: str):
     """A rich spinner whose text follows the stage's progress messages."""
-    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-
     with Progress(SpinnerColumn(), TextColumn("[bold]{task.description}"), TimeElapsedColumn(),
                   transient=True, console=_console(stderr=True)) as progress:
         task = progress.add_task(stage)
         yield lambda msg: progress.update(task, description=f"{stage}: {msg}")
+
+
+def parse_int_list(text: str, flag: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise SpecError(f"{flag} {text!r}: expected comma-separated integers, e.g. {flag} 128,512") from None
+    if not values or min(values) < 1:
+        raise SpecError(f"{flag} {text!r}: expected positive integers, e.g. {flag} 128,512")
+    return values
 
 
 def main() -> None:

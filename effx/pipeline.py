@@ -10,11 +10,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
+import torch
 
-from effx.atomic import atomic_dir
-from effx.errors import ValidationFailed
-from effx.spec import RunSpec
+from effx.check.report import ValidationReport
+from effx.check.validate import ValidateOptions, validate
+from effx.core.atomic import atomic_dir
+from effx.core.errors import ValidationFailed
+from effx.core.spec import RunSpec
+from effx.core.spec_toml import spec_to_commented_toml
+from effx.exporter import check_opset, export_model
+from effx.models import build_model, save_model
+from effx.targets.api import build
+from effx.targets.precision import check_request
+from effx.targets.profiles import get_target
 
 
 @dataclass
@@ -22,7 +30,7 @@ class PipelineResult:
     output: Path
     stages: dict[str, dict[str, Any]] = field(default_factory=dict)
     passed: bool = True
-    report: Any = None  # effx.report.ValidationReport of the build, for ORT targets
+    report: ValidationReport | None = None  # the validation of the build, when an engine was built
 
     def summary(self) -> str:
         lines = [f"effx run -> {self.output}"]
@@ -34,8 +42,6 @@ class PipelineResult:
 
 def forward_check(model, batch: int, seq: int, seed: int = 0) -> dict[str, Any]:
     """One forward pass (and, for decoders with a cache, a prompt + decode step) on seeded random tokens."""
-    import torch
-
     spec = model.spec
     seq = min(seq, spec.model.max_seq_len)
     ids = torch.randint(0, spec.model.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(seed))
@@ -55,35 +61,13 @@ def forward_check(model, batch: int, seq: int, seed: int = 0) -> dict[str, Any]:
     return info
 
 
-def ort_decode_loop(prefill, decode, manifest, ids: np.ndarray, prompt: int,
-                    block_table: np.ndarray | None = None) -> np.ndarray:
-    """Drive ONNX Runtime sessions of the prefill and decode graphs as a host would (effx.runners.decode_loop):
-    prefill `prompt` tokens, then decode the rest one by one. Returns logits (B, N, V)."""
-    from effx.runners import decode_loop
-
-    sessions = {"prefill": prefill, "decode": decode}
-
-    def infer(feed, graph):
-        sess = sessions[graph]
-        out = sess.run(None, {i.name: feed[i.name] for i in sess.get_inputs()})
-        return dict(zip([o.name for o in sess.get_outputs()], out, strict=True))
-
-    return np.concatenate(decode_loop(infer, manifest, ids, prompt, block_table), axis=1)
-
-
 def run_pipeline(spec: RunSpec, output: Path, batch: int = 2, seq: int = 16, console=None, overwrite: bool = True,
                  target: str = "cpu", precision: str = "fp32", opset: int = 23,
                  progress: Callable[[str], None] | None = None, model=None) -> PipelineResult:
     """model/ -> onnx/ -> build/<target>/ and a check of the build against PyTorch. Raises ValidationFailed
     (exit code 1) when the build disagrees beyond the precision's tolerance; the folders stay for inspection."""
-    from effx.exporter import export_model
-    from effx.models import build_model, save_model
-    from effx.spec_toml import spec_to_commented_toml
-    from effx.targets.api import build
-    from effx.targets.precision import check_request
-    from effx.targets.profiles import get_target
-
     say = progress or (lambda _m: None)
+    check_opset(opset)
     profile = get_target(target)
     check_request(profile, precision)
     output = Path(output)
@@ -105,11 +89,9 @@ def run_pipeline(spec: RunSpec, output: Path, batch: int = 2, seq: int = 16, con
         result.stages["build"] = {"target": profile.name, "engine_built": built.build.engine_built,
                                   "folder": f"build/{profile.name}/"}
     if built.build.engine_built:  # validated in place, after the rename: the report names the final folders
-        from effx.validate import validate
-
         check_seq = min(max(seq, 2 if spec.model.family == "decoder" else 1), spec.model.max_seq_len)
-        report = validate(output / "build" / profile.name, seqs=[check_seq], batches=[batch],
-                          output=output / "report", iters=10, progress=say, raise_on_fail=False)
+        report = validate(output / "build" / profile.name, ValidateOptions(seqs=[check_seq], batches=[batch], iters=10),
+                          output=output / "report", progress=say, raise_on_fail=False)
         result.report = report
         result.passed = report.passed
         result.stages["validate"] = {"verdict": report.verdict(), "report": f"{output / 'report'}/report.md"}

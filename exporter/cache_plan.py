@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from effx.manifest import CachePlan, CacheTensor, ControlInput
+from effx.core.manifest import CachePlan, CacheTensor, ControlInput
+from effx.core.registry import CACHES
 from effx.models.transformer import EffxModel
-from effx.registry import CACHES
 
 _DTYPE = {"torch.float32": "float32", "torch.float16": "float16", "torch.bfloat16": "bfloat16"}
 

@@ -7,13 +7,17 @@ from collections.abc import Callable
 from pathlib import Path
 
 import onnx
+import onnxruntime
+import onnxscript
+import torch
 
-from effx.atomic import atomic_dir
-from effx.errors import SpecError
+import effx
+from effx.core.atomic import atomic_dir
+from effx.core.errors import SpecError
+from effx.core.manifest import CustomOp, DimRange, GraphSpec, Manifest, TensorSpec
 from effx.exporter import onnx_export as ox
 from effx.exporter.cache_plan import cache_plan
 from effx.exporter.graphs import plan_graphs
-from effx.manifest import CustomOp, DimRange, GraphSpec, Manifest, TensorSpec
 from effx.models.transformer import EffxModel, weights_digest
 from effx.plugins.opspec import DOMAIN
 
@@ -38,8 +42,6 @@ def export_model(
 ) -> Manifest:
     """Export `model` to `out_dir`: model.onnx (encoders, decoders without cache) or prefill.onnx + decode.onnx,
     and manifest.json. Nothing is left at out_dir if anything fails."""
-    import torch
-
     check_opset(opset)
     say = progress or (lambda _msg: None)
     plans = plan_graphs(model.eval(), max_batch=max_batch)
@@ -89,11 +91,5 @@ def _tensors(values) -> list[TensorSpec]:
 
 
 def _versions() -> dict[str, str]:
-    import onnxruntime
-    import onnxscript
-    import torch
-
-    import effx
-
     return {"effx": effx.__version__, "torch": torch.__version__.split("+")[0], "onnx": onnx.__version__,
             "onnxscript": onnxscript.__version__, "onnxruntime": onnxruntime.__version__}

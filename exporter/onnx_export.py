@@ -4,17 +4,23 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import warnings
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import onnx
+import onnx.inliner
+import torch
 
-from effx.errors import EffxError
+from effx.core.errors import EffxError
 from effx.exporter.graphs import GraphPlan
+from effx.models.attention import attention_impl_override
 from effx.plugins import OPS
 from effx.plugins.onnx_body import Body, make_function
 from effx.plugins.opspec import DOMAIN
+from effx.plugins.trt import PLUGIN_SPECS, node_attributes
 
 MIN_OPSET = 18  # function bodies use ReduceMean/ReduceMax with axes inputs (opset 18)
 MAX_OPSET = 26  # the newest ai.onnx opset ONNX Runtime 1.31 runs
@@ -39,8 +45,6 @@ def translation_table() -> dict:
 def stamp_plugin_nodes(model: onnx.ModelProto) -> int:
     """Make effx nodes TensorRT-plugin ready: plugin_namespace/plugin_version/aot=1 (the QDP AOT rules), and
     the inputs a plugin's fixed signature needs but the node may omit (an unread (1, D) omega for elu)."""
-    from effx.plugins.tensorrt_plugins import PLUGIN_SPECS, node_attributes
-
     stamped = 0
     for node in _all_nodes(model.graph):
         if node.domain != DOMAIN or node.op_type not in PLUGIN_SPECS:
@@ -55,7 +59,7 @@ def stamp_plugin_nodes(model: onnx.ModelProto) -> int:
                 name = "effx.omega_placeholder"
                 if not any(i.name == name for i in model.graph.initializer):
                     model.graph.initializer.append(onnx.numpy_helper.from_array(
-                        __import__("numpy").zeros((1, head_dim), "float32"), name))
+                        np.zeros((1, head_dim), "float32"), name))
                 while len(node.input) < want - 1:
                     node.input.append("")
                 if len(node.input) < want:
@@ -76,10 +80,6 @@ def _head_dim(model: onnx.ModelProto, value: str) -> int:
 
 def export_graph(plan: GraphPlan, opset: int) -> onnx.ModelProto:
     """Export one graph and attach the effx functions; returns a checked ModelProto."""
-    import torch
-
-    from effx.models.attention import attention_impl_override
-
     # below opset 23 SDPA would decompose with sqrt-scaled Q and K; the math path scales Q alone
     impl = None if opset >= ATTENTION_OPSET else "math"
     # a module taking *args gets its dynamic shapes as one entry for the varargs
@@ -104,8 +104,6 @@ def export_graph(plan: GraphPlan, opset: int) -> onnx.ModelProto:
 
 @contextlib.contextmanager
 def _quiet_exporter():
-    import logging
-
     loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._export", "onnxscript")]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
@@ -157,8 +155,6 @@ def custom_op_counts(model: onnx.ModelProto) -> Counter:
 
 def inline(model: onnx.ModelProto) -> onnx.ModelProto:
     """Plain-ONNX variant: every local function inlined, no custom domain left."""
-    import onnx.inliner
-
     flat = onnx.inliner.inline_local_functions(model)
     del flat.functions[:]
     keep = [o for o in flat.opset_import if o.domain != DOMAIN]

@@ -16,10 +16,10 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
-from effx.errors import EffxError
+from effx.core.errors import EffxError
+from effx.core.spec import RunSpec
 from effx.plugins.common import arange_positions
-from effx.plugins.paged import gather_pages, paged_key_positions
-from effx.spec import RunSpec
+from effx.plugins.paged import gather_pages, paged_attention, paged_key_positions
 
 LayerState = dict[str, Tensor]
 
@@ -181,8 +181,6 @@ class SoftmaxAttention(AttentionBase):
         k_pool, v_pool = write(k_pool, k), write(v_pool, v)
         seq_lens = inputs.lengths + inputs.new_lengths
         if self.paged_window is not None:
-            from effx.plugins.paged import paged_attention
-
             y = paged_attention(q, k_pool, v_pool, block_table, pos, seq_lens, self.paged_window, self.scale)
         else:
             k_all, v_all = gather_pages(k_pool, block_table), gather_pages(v_pool, block_table)

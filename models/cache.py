@@ -14,7 +14,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from effx.errors import EffxError
+from effx.core.errors import EffxError
 
 
 @dataclass

@@ -38,8 +38,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from effx.errors import ArtifactError, SpecError
-from effx.spec import RunSpec
+import torch
+from safetensors.torch import load_file
+
+from effx.core.atomic import atomic_dir
+from effx.core.errors import ArtifactError, SpecError
+from effx.core.registry import ATTENTION, compatible_layouts
+from effx.core.spec import RunSpec
+from effx.models.transformer import build_model, save_model
 
 SUPPORTED = ("bert", "roberta", "distilbert", "gpt2", "llama")
 OVERRIDABLE_MODEL_FIELDS = ("model.max_seq_len", "model.seed")
@@ -75,8 +81,6 @@ def hf_spec(config: dict[str, Any], overrides: dict[str, Any] | None = None, sou
     if model["family"] == "decoder":
         layout = "contiguous"
         if "kv_cache.layout" not in overrides and overrides.get("attention.kind") not in (None, "full"):
-            from effx.registry import ATTENTION, compatible_layouts
-
             kind = overrides["attention.kind"]
             layouts = [x for x in compatible_layouts(kind, "decoder") if x != "none"] if kind in ATTENTION else []
             if layouts:
@@ -203,9 +207,6 @@ def read_config(path: str | Path) -> dict[str, Any]:
 
 def read_weights(path: str | Path) -> dict[str, Any]:
     """All tensors of the checkpoint in `path` (single file or shards listed by an index json)."""
-    import torch
-    from safetensors.torch import load_file
-
     folder = Path(path)
 
     def load(file: Path) -> dict[str, Any]:
@@ -390,8 +391,6 @@ def import_hf(path: str | Path, overrides: dict[str, Any] | None = None):
     `overrides` are dotted spec overrides (as RunSpec.with_overrides): attention.*, kv_cache.*,
     model.max_seq_len and model.seed; e.g. {"attention.kind": "linformer", "attention.k": 32}.
     """
-    from effx.models.transformer import build_model
-
     folder = Path(path)
     config = read_config(folder)
     source = str(folder / "config.json")
@@ -404,4 +403,15 @@ def import_hf(path: str | Path, overrides: dict[str, Any] | None = None):
     return model.eval()
 
 
-__all__ = ["SUPPORTED", "hf_spec", "hf_state_dict", "import_hf", "load_mapped", "read_config", "read_weights"]
+def import_to_folder(path: str | Path, out: str | Path, overrides: dict[str, Any] | None = None,
+                     overwrite: bool = False):
+    """`effx import`: import the Hugging Face folder `path` and save it as an effx model folder at `out`
+    (written atomically); returns the model."""
+    model = import_hf(path, overrides)
+    with atomic_dir(Path(out), overwrite=overwrite) as tmp:
+        save_model(model, tmp)
+    return model
+
+
+__all__ = ["SUPPORTED", "hf_spec", "hf_state_dict", "import_hf", "import_to_folder", "load_mapped", "read_config",
+           "read_weights"]

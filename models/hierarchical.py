@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from effx.errors import EffxError
+from effx.core.errors import EffxError
 from effx.models.attention import AttentionBase
 from effx.plugins.common import arange_positions, causal_allowed, softmax_attention
 from effx.plugins.hourglass import hourglass_attention, pool_groups

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from effx.errors import EffxError
+from effx.core.errors import EffxError
 from effx.models.attention import AttentionBase
 from effx.plugins.linear import favor_projection, linear_attention, linear_attention_state
 

@@ -13,7 +13,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from effx.errors import EffxError
+from effx.core.errors import EffxError
 from effx.models.attention import AttentionBase
 from effx.plugins.linformer import linformer_attention
 

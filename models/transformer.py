@@ -3,13 +3,16 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from effx.errors import ArtifactError, EffxError
+from effx.core.errors import ArtifactError, EffxError
+from effx.core.spec import RunSpec
 from effx.models.attention import AttentionBase, LayerState, StepInputs
 from effx.models.block_sparse import BlockSparseAttention
 from effx.models.blocks import MLP, Rotary, make_norm
@@ -27,7 +30,6 @@ from effx.models.hierarchical import HierarchicalAttention, hourglass_schedule
 from effx.models.linear import LinearAttention
 from effx.models.linformer import LinformerAttention, init_projection
 from effx.models.local import LocalAttention
-from effx.spec import RunSpec
 
 ATTENTION_CLASSES: dict[str, type[AttentionBase]] = {
     cls.kind: cls
@@ -193,8 +195,6 @@ def build_model(spec: RunSpec) -> EffxModel:
 
 def weights_digest(model) -> str:
     """sha256 over the model's state dict (names, dtypes, shapes, bytes): which weights an artifact holds."""
-    import hashlib
-
     h = hashlib.sha256()
     for name, t in sorted(model.state_dict().items()):
         t = t.detach().contiguous().cpu()
@@ -209,8 +209,6 @@ ORIGIN_NAME = "origin.json"
 
 
 def save_model(model: EffxModel, folder: str | Path) -> Path:
-    from safetensors.torch import save_file
-
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
@@ -223,8 +221,6 @@ def save_model(model: EffxModel, folder: str | Path) -> Path:
 
 
 def load_model(folder: str | Path) -> EffxModel:
-    from safetensors.torch import load_file
-
     folder = Path(folder)
     if not (folder / WEIGHTS_NAME).is_file() or not (folder / SPEC_NAME).is_file():
         raise ArtifactError(f"{folder}: expected {WEIGHTS_NAME} and {SPEC_NAME}; write them with effx.models.save_model")

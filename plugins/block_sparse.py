@@ -72,20 +72,6 @@ def _(q, k, v, q_pos, k_pos, block_size, local_blocks, global_blocks, stride_blo
     return torch.empty_like(q)
 
 
-SPEC = register_op(
-    OpSpec(
-        name="BlockSparseAttention",
-        torch_op=block_sparse_attention,
-        inputs=("q", "k", "v", "q_pos", "k_pos"),
-        outputs=("y",),
-        attributes={"block_size": int, "local_blocks": int, "global_blocks": int, "stride_blocks": int,
-                    "causal": bool, "scale": float},
-        reference=block_sparse_attention_reference,
-        summary="softmax attention on a local + global + strided block layout",
-    )
-)
-
-
 # -- ONNX ---------------------------------------------------------------------------------------------
 def _body(b, static):
     qp, kp, valid = b.positions("q_pos", "k_pos")
@@ -116,5 +102,18 @@ def _translation(q, k, v, q_pos, k_pos, block_size: int, local_blocks: int, glob
         stride_blocks=stride_blocks, causal=int(causal), scale=scale)
 
 
-SPEC.build_body = _body
-SPEC.translation = _translation
+SPEC = register_op(
+    OpSpec(
+        name="BlockSparseAttention",
+        torch_op=block_sparse_attention,
+        inputs=("q", "k", "v", "q_pos", "k_pos"),
+        outputs=("y",),
+        attributes={"block_size": int, "local_blocks": int, "global_blocks": int, "stride_blocks": int,
+                    "causal": bool, "scale": float},
+        reference=block_sparse_attention_reference,
+        summary="softmax attention on a local + global + strided block layout",
+        build_body=_body,
+        translation=_translation,
+        cuda_kernel=("attention", "block_sparse_attention"),
+    )
+)

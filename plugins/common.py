@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from effx.plugins.opspec import MASK_VALUE
+
 
 def expand_kv(x: Tensor, n_rep: int) -> Tensor:
     """(B, H_kv, N, D) -> (B, H_kv * n_rep, N, D): query head h uses KV head h // n_rep (contiguous groups)."""
@@ -21,14 +23,14 @@ def softmax_attention(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor | None, s
     """softmax((scale Q) K^T, masked) V.
 
     q: (B, H, Nq, D); k, v: (B, H_kv, Nk, D); allowed: bool, broadcastable to (B, H, Nq, Nk).
-    Q is scaled before the product (TensorRT's MHA fusion needs that form). Masked scores get the
-    dtype's lowest finite value rather than -inf, so a row with no allowed key stays finite.
+    Q is scaled before the product (TensorRT's MHA fusion needs that form). Masked scores get MASK_VALUE
+    rather than -inf, so a row with no allowed key stays finite.
     """
     n_rep = q.shape[1] // k.shape[1]
     k, v = expand_kv(k, n_rep), expand_kv(v, n_rep)
     scores = (q * scale) @ k.transpose(-1, -2)  # (B, H, Nq, Nk)
     if allowed is not None:
-        scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
+        scores = scores.masked_fill(~allowed, MASK_VALUE)
     return torch.softmax(scores, dim=-1) @ v  # (B, H, Nq, D)
 
 

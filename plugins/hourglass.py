@@ -61,19 +61,6 @@ def _(q, k, v, k_valid, factor, causal, scale):
     return torch.empty_like(q)
 
 
-SPEC = register_op(
-    OpSpec(
-        name="HourglassAttention",
-        torch_op=hourglass_attention,
-        inputs=("q", "k", "v", "k_valid?"),
-        outputs=("y",),
-        attributes={"factor": int, "causal": bool, "scale": float},
-        reference=hourglass_attention_reference,
-        summary="softmax attention over f-pooled tokens, upsampled by repeat (causal: shifted by f-1)",
-    )
-)
-
-
 # -- ONNX ---------------------------------------------------------------------------------------------
 # Causality changes shapes (the f - 1 shift), so it is fixed when the function is built; encoders always
 # pass k_valid, decoders never do. The factor stays an attribute: layers of one model differ in it.
@@ -117,4 +104,17 @@ def _translation(q, k, v, k_valid, factor: int, causal: bool, scale: float):
     return node_op("HourglassAttention")(q, k, v, k_valid, factor=factor, causal=int(causal), scale=scale)
 
 
-SPEC.build_body, SPEC.translation, SPEC.structural = _body, _translation, ("causal",)
+SPEC = register_op(
+    OpSpec(
+        name="HourglassAttention",
+        torch_op=hourglass_attention,
+        inputs=("q", "k", "v", "k_valid?"),
+        outputs=("y",),
+        attributes={"factor": int, "causal": bool, "scale": float},
+        reference=hourglass_attention_reference,
+        summary="softmax attention over f-pooled tokens, upsampled by repeat (causal: shifted by f-1)",
+        build_body=_body,
+        translation=_translation,
+        structural=("causal",),
+    )
+)

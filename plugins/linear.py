@@ -109,30 +109,6 @@ def _(q, k, v, s0, z0, omega, feature_map_kind, eps):
     return torch.empty_like(q), torch.empty_like(s0), torch.empty_like(z0)
 
 
-SPEC = register_op(
-    OpSpec(
-        name="LinearAttention",
-        torch_op=linear_attention,
-        inputs=("q", "k", "v", "k_valid?", "omega?"),
-        outputs=("y",),
-        attributes={"feature_map": str, "eps": float},
-        reference=linear_attention_reference,
-        summary="non-causal linear attention phi(Q)(phi(K)^T V) / phi(Q) sum phi(K)",
-    )
-)
-STATE_SPEC = register_op(
-    OpSpec(
-        name="LinearAttentionState",
-        torch_op=linear_attention_state,
-        inputs=("q", "k", "v", "s0", "z0", "omega?"),
-        outputs=("y", "s", "z"),
-        attributes={"feature_map": str, "eps": float},
-        reference=linear_attention_state_reference,
-        summary="causal linear attention from a recurrent state (prefix sums); returns the new state",
-    )
-)
-
-
 # -- ONNX ---------------------------------------------------------------------------------------------
 # The feature map changes the body's structure, so it is fixed when the function is built (one model uses
 # one feature map); the node keeps it as an attribute for plugins.
@@ -178,5 +154,33 @@ def _state_translation(q, k, v, s0, z0, omega, feature_map_kind: str, eps: float
     return node_op("LinearAttentionState")(q, k, v, s0, z0, omega, feature_map=feature_map_kind, eps=eps)
 
 
-SPEC.build_body, SPEC.translation, SPEC.structural = _body, _translation, ("feature_map",)
-STATE_SPEC.build_body, STATE_SPEC.translation, STATE_SPEC.structural = _state_body, _state_translation, ("feature_map",)
+SPEC = register_op(
+    OpSpec(
+        name="LinearAttention",
+        torch_op=linear_attention,
+        inputs=("q", "k", "v", "k_valid?", "omega?"),
+        outputs=("y",),
+        attributes={"feature_map": str, "eps": float},
+        reference=linear_attention_reference,
+        summary="non-causal linear attention phi(Q)(phi(K)^T V) / phi(Q) sum phi(K)",
+        build_body=_body,
+        translation=_translation,
+        structural=("feature_map",),
+        cuda_kernel=("linear", "linear_attention"),
+    )
+)
+STATE_SPEC = register_op(
+    OpSpec(
+        name="LinearAttentionState",
+        torch_op=linear_attention_state,
+        inputs=("q", "k", "v", "s0", "z0", "omega?"),
+        outputs=("y", "s", "z"),
+        attributes={"feature_map": str, "eps": float},
+        reference=linear_attention_state_reference,
+        summary="causal linear attention from a recurrent state (prefix sums); returns the new state",
+        build_body=_state_body,
+        translation=_state_translation,
+        structural=("feature_map",),
+        cuda_kernel=("linear", "linear_attention_state"),
+    )
+)

@@ -33,19 +33,6 @@ def _(q, k, v, e, f, scale):
     return torch.empty_like(q)
 
 
-SPEC = register_op(
-    OpSpec(
-        name="LinformerAttention",
-        torch_op=linformer_attention,
-        inputs=("q", "k", "v", "e", "f"),
-        outputs=("y",),
-        attributes={"scale": float},
-        reference=linformer_attention_reference,
-        summary="softmax(Q (E K)^T * scale) (F V) with sequence projections E, F",
-    )
-)
-
-
 # -- ONNX ---------------------------------------------------------------------------------------------
 def _body(b, static):
     k_proj = b.op("MatMul", "e", "k")  # (H|1,k,N) @ (B,H,N,D) -> (B,H,k,D)
@@ -58,5 +45,17 @@ def _translation(q, k, v, e, f, scale: float):
     return node_op("LinformerAttention")(q, k, v, e, f, scale=scale)
 
 
-SPEC.build_body = _body
-SPEC.translation = _translation
+SPEC = register_op(
+    OpSpec(
+        name="LinformerAttention",
+        torch_op=linformer_attention,
+        inputs=("q", "k", "v", "e", "f"),
+        outputs=("y",),
+        attributes={"scale": float},
+        reference=linformer_attention_reference,
+        summary="softmax(Q (E K)^T * scale) (F V) with sequence projections E, F",
+        build_body=_body,
+        translation=_translation,
+        cuda_kernel=("linformer", "linformer_attention"),
+    )
+)

@@ -7,11 +7,12 @@ the Mistral/xformers convention). Symmetric (encoders): |i - j| < window.
 from __future__ import annotations
 
 import torch
+from onnx import TensorProto, helper
 from torch import Tensor
 
 from effx.plugins.common import expand_kv, softmax_attention, split_positions
 from effx.plugins.onnx_body import node_op
-from effx.plugins.opspec import OpSpec, register_op
+from effx.plugins.opspec import MASK_VALUE, OpSpec, register_op
 
 
 def local_allowed(q_pos: Tensor, k_pos: Tensor, window: int, causal: bool) -> Tensor:
@@ -71,33 +72,18 @@ def _(q, k, v, q_pos, k_pos, window, causal, scale):
     return torch.empty_like(q)
 
 
-SPEC = register_op(
-    OpSpec(
-        name="LocalAttention",
-        torch_op=local_attention,
-        inputs=("q", "k", "v", "q_pos", "k_pos"),
-        outputs=("y",),
-        attributes={"window": int, "causal": bool, "scale": float},
-        reference=local_attention_reference,
-        summary="sliding-window softmax attention over absolute positions",
-    )
-)
-
-
 # -- ONNX ---------------------------------------------------------------------------------------------
 def _body(b, static):
     """Two forms, chosen at run time like the torch op chooses: a whole sequence longer than a few windows
     (q_pos = arange, k_pos in {arange, -1}) takes the banded form, O(n w) memory; caches (ring slots,
     offsets, single decode steps) and short sequences take the dense masked form."""
-    from onnx import helper
-
     window = b.attr_int("window")  # attribute references stay in the function body, not in the branches
     scale = b.attr_float_like("scale", "q")
     causal = bool(static["causal"])  # structural: a causal band needs the previous key block only
 
     dense = type(b)(f"{b.prefix}_dense")
     qp, kp, valid = dense.positions("q_pos", "k_pos")
-    y_dense = dense.softmax_attention("q", "k", "v", _window_mask(dense, qp, kp, valid, window, causal), scale=scale)
+    y_dense = dense.softmax_attention("q", "k", "v", dense.window_mask(qp, kp, valid, window, causal), scale=scale)
     banded = type(b)(f"{b.prefix}_banded")
     y_banded = _banded(banded, window, scale, causal)
 
@@ -110,19 +96,9 @@ def _body(b, static):
     return ["q", "k", "v", "q_pos", "k_pos"], ["y"]
 
 
-def _window_mask(b, qp: str, kp: str, valid: str, window: str, causal: bool) -> str:
-    if causal:
-        ok = b.op("And", b.op("LessOrEqual", kp, qp), b.op("Greater", kp, b.op("Sub", qp, window)))
-    else:
-        ok = b.op("Less", b.op("Abs", b.op("Sub", qp, kp)), window)
-    return b.op("And", valid, ok)
-
-
 def _whole_long_sequence(b, window: str) -> str:
     """The banded form's precondition, as the torch op checks it: Nq == Nk > 2w + 128, q_pos[b, i] = i,
     k_pos[b, j] in {j, -1}."""
-    from onnx import TensorProto
-
     nq, nk = b.dim("q", 2), b.dim("k", 2)
     same = b.op("Equal", nq, nk)
     long = b.op("Greater", nq, b.op("Add", b.op("Mul", window, b.ints(2)), b.ints(128)))
@@ -142,8 +118,6 @@ def _banded(b, window: str, scale: str, causal: bool) -> str:
     """Queries in blocks of w against the previous and own key block (causal: 2w keys), and the next one
     (symmetric: 3w keys): scores (B, H, n/w, w, 2w or 3w) instead of (B, H, n, n). A query with no allowed key gets the mean of every value,
     as in the dense form."""
-    from onnx import TensorProto
-
     k, v = b.expand_kv("k", "q"), b.expand_kv("v", "q")  # (B,H,N,D)
     n = b.dim("q", 2)
     nb = b.op("Div", b.op("Sub", b.op("Add", n, window), b.ints(1)), window)  # ceil(n / w)
@@ -179,10 +153,8 @@ def _banded(b, window: str, scale: str, causal: bool) -> str:
     kp = neighbours("k_pos", 2, minus1)  # (B,nb,2w|3w), -1 beyond the sequence
     qp5 = b.op("Unsqueeze", qp, b.ints(1, 4))  # (B,1,nb,w,1)
     kp5 = b.op("Unsqueeze", kp, b.ints(1, 3))  # (B,1,nb,1,2w|3w)
-    allowed = _window_mask(b, qp5, kp5, b.op("GreaterOrEqual", kp5, b.ints(0)), window, causal)
+    allowed = b.window_mask(qp5, kp5, b.op("GreaterOrEqual", kp5, b.ints(0)), window, causal)
     scores = b.op("MatMul", b.op("Mul", q_blocks, scale), b.op("Transpose", k3, perm=[0, 1, 2, 4, 3]))
-    from effx.plugins.onnx_body import MASK_VALUE
-
     scores = b.op("Where", allowed, scores, b.float_like(MASK_VALUE, scores))
     y = b.op("MatMul", b.op("Softmax", scores, axis=-1), v3)  # (B,H,nb,w,D)
     any_key = b.op("Cast", b.op("ReduceMax", b.op("Cast", allowed, to=TensorProto.INT32), b.ints(-1), keepdims=1),
@@ -194,8 +166,6 @@ def _banded(b, window: str, scale: str, causal: bool) -> str:
 
 
 def _int64_scalar(value: int):
-    from onnx import TensorProto, helper
-
     return helper.make_tensor("c", TensorProto.INT64, [], [value])
 
 
@@ -203,6 +173,18 @@ def _translation(q, k, v, q_pos, k_pos, window: int, causal: bool, scale: float)
     return node_op("LocalAttention")(q, k, v, q_pos, k_pos, window=window, causal=int(causal), scale=scale)
 
 
-SPEC.build_body = _body
-SPEC.translation = _translation
-SPEC.structural = ("causal",)
+SPEC = register_op(
+    OpSpec(
+        name="LocalAttention",
+        torch_op=local_attention,
+        inputs=("q", "k", "v", "q_pos", "k_pos"),
+        outputs=("y",),
+        attributes={"window": int, "causal": bool, "scale": float},
+        reference=local_attention_reference,
+        summary="sliding-window softmax attention over absolute positions",
+        build_body=_body,
+        translation=_translation,
+        structural=("causal",),
+        cuda_kernel=("attention", "local_attention"),
+    )
+)

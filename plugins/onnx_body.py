@@ -6,8 +6,8 @@ copied (`ref_attr_name`), so one function serves every node of its op in a model
 change the body's structure (a feature map, causality where shapes differ) are fixed when the function is
 built, and the exporter checks that every node agrees on them.
 
-Masked scores use -65504 (the fp16 lowest finite value): the weight of a masked key is exactly 0 in fp32
-and fp16, a row with no allowed key stays finite, and converted fp16 graphs do not overflow to -inf.
+Masked scores use effx.plugins.opspec.MASK_VALUE (-65504, fp16's lowest finite value): converted fp16
+graphs do not overflow to -inf.
 """
 
 from __future__ import annotations
@@ -16,11 +16,12 @@ import functools
 from typing import Any
 
 import onnx
+import onnxscript
 from onnx import AttributeProto, TensorProto, helper
+from onnx.defs import OpSchema
 
-from effx.plugins.opspec import DOMAIN, OpSpec
+from effx.plugins.opspec import DOMAIN, MASK_VALUE, OPS, OpSpec
 
-MASK_VALUE = -65504.0
 _ATTR_TYPES = {int: AttributeProto.INT, float: AttributeProto.FLOAT, str: AttributeProto.STRING,
                bool: AttributeProto.INT}
 
@@ -108,14 +109,13 @@ class Body:
         valid = self.op("GreaterOrEqual", kp, self.ints(0))
         return qp, kp, valid
 
-    def local_mask(self, qp: str, kp: str, valid: str, window: str, causal_attr: str | None = "causal") -> str:
-        """Sliding window: causal i-w < j <= i, symmetric |i-j| < w (chosen by the `causal` attribute;
-        causal_attr=None: always causal)."""
-        causal_ok = self.op("And", self.op("LessOrEqual", kp, qp), self.op("Greater", kp, self.op("Sub", qp, window)))
-        if causal_attr is None:
-            return self.op("And", valid, causal_ok)
-        sym_ok = self.op("Less", self.op("Abs", self.op("Sub", qp, kp)), window)
-        return self.op("And", valid, self.select(causal_attr, causal_ok, sym_ok))
+    def window_mask(self, qp: str, kp: str, valid: str, window: str, causal: bool) -> str:
+        """Sliding window over positions: causal i - w < j <= i, symmetric |i - j| < w; and a real key."""
+        if causal:
+            ok = self.op("And", self.op("LessOrEqual", kp, qp), self.op("Greater", kp, self.op("Sub", qp, window)))
+        else:
+            ok = self.op("Less", self.op("Abs", self.op("Sub", qp, kp)), window)
+        return self.op("And", valid, ok)
 
     def feature_map(self, x: str, kind: str, is_query: bool) -> str:
         """Linear attention's phi: elu(x)+1, or FAVOR+ exp(omega x' - |x'|^2/2 - c)/sqrt(m), x' = x d^-1/4."""
@@ -154,8 +154,6 @@ def make_function(spec: OpSpec, opset: int, body: Body, inputs: list[str], outpu
 
 def node_schema(spec: OpSpec) -> onnx.defs.OpSchema:
     """The node's schema (not registered globally): typed attributes, optional trailing inputs."""
-    from onnx.defs import OpSchema
-
     def param(name: str) -> OpSchema.FormalParameter:
         optional = name.endswith("?")
         clean = name.rstrip("?")
@@ -183,11 +181,6 @@ _SCHEMA_ATTR = {int: onnx.defs.OpSchema.AttrType.INT, float: onnx.defs.OpSchema.
 
 @functools.cache
 def node_op(spec_name: str):
-    """The onnxscript Op a torch.onnx translation calls to emit one bare `effx::<name>` node (built on first
-    use: onnxscript is only imported when exporting)."""
-    import onnxscript
-
-    from effx.plugins.opspec import OPS
-
+    """The onnxscript Op a torch.onnx translation calls to emit one bare `effx::<name>` node."""
     spec = OPS[spec_name]
     return onnxscript.values.Op(onnxscript.values.Opset(DOMAIN, 1), spec.name, node_schema(spec))

@@ -57,19 +57,6 @@ def _(q, k_pool, v_pool, block_table, q_pos, seq_lens, window, scale):
     return torch.empty_like(q)
 
 
-SPEC = register_op(
-    OpSpec(
-        name="PagedAttention",
-        torch_op=paged_attention,
-        inputs=("q", "k_pool", "v_pool", "block_table", "q_pos", "seq_lens"),
-        outputs=("y",),
-        attributes={"window": int, "scale": float},
-        reference=paged_attention_reference,
-        summary="causal (optionally windowed) attention over a paged KV block pool",
-    )
-)
-
-
 # -- ONNX ---------------------------------------------------------------------------------------------
 def _body(b, static):
     def pages(pool: str) -> str:  # (NB,bs,H_kv,D) x (B,MB) -> (B,H_kv,MB*bs,D)
@@ -86,7 +73,7 @@ def _body(b, static):
     qp, kp, valid = b.positions("q_pos", k_pos)
     w = b.attr_int("window")
     w = b.op("Where", b.op("Equal", w, b.ints(0)), b.op("Add", length, b.ints(1)), w)  # 0: no window
-    b.output(b.softmax_attention("q", k, v, b.local_mask(qp, kp, valid, w, causal_attr=None)), "y")
+    b.output(b.softmax_attention("q", k, v, b.window_mask(qp, kp, valid, w, causal=True)), "y")
     return ["q", "k_pool", "v_pool", "block_table", "q_pos", "seq_lens"], ["y"]
 
 
@@ -94,4 +81,17 @@ def _translation(q, k_pool, v_pool, block_table, q_pos, seq_lens, window: int, s
     return node_op("PagedAttention")(q, k_pool, v_pool, block_table, q_pos, seq_lens, window=window, scale=scale)
 
 
-SPEC.build_body, SPEC.translation = _body, _translation
+SPEC = register_op(
+    OpSpec(
+        name="PagedAttention",
+        torch_op=paged_attention,
+        inputs=("q", "k_pool", "v_pool", "block_table", "q_pos", "seq_lens"),
+        outputs=("y",),
+        attributes={"window": int, "scale": float},
+        reference=paged_attention_reference,
+        summary="causal (optionally windowed) attention over a paged KV block pool",
+        build_body=_body,
+        translation=_translation,
+        cuda_kernel=("attention", "paged_attention"),
+    )
+)

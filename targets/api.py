@@ -1,15 +1,24 @@
-"""`effx build`: an exported ONNX folder -> a build folder for one target (atomic)."""
+"""`effx build` and the runner of a build folder: one entry point over the backends (effx.targets.ort,
+effx.targets.tensorrt), chosen by the target profile's `backend`."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 
-from effx.atomic import atomic_dir
-from effx.errors import ArtifactError
-from effx.manifest import Manifest
+from effx.core.atomic import atomic_dir
+from effx.core.errors import ArtifactError
+from effx.core.manifest import Manifest
+from effx.core.runner import Runner
+from effx.targets import ort, tensorrt
+from effx.targets.bundle.readme import bundle_readme
 from effx.targets.precision import check_request
 from effx.targets.profiles import TARGETS, TargetProfile, get_target
+
+# each backend package has build_target(src, manifest, profile, precision, calib, calib_samples, dla_core, out,
+# say) -> BuildInfo and open_runner(folder, manifest, provider, threads) -> Runner
+BACKENDS: dict[str, ModuleType] = {"ort": ort, "tensorrt": tensorrt}
 
 
 def list_targets() -> list[TargetProfile]:
@@ -32,24 +41,12 @@ def build(onnx_dir: str | Path, target: str = "cpu", precision: str = "fp32", ca
                             "`effx export` wrote (or a device kit)")
     if kit:  # building a device kit on the device: its ONNX graphs and manifest are the source
         manifest = manifest.model_copy(update={"stage": "onnx", "build": None,
-                                               "files": {k: v for k, v in manifest.files.items() if k.endswith(".onnx") or k.endswith(".onnx.data")}})
+                                               "files": {k: v for k, v in manifest.files.items()
+                                                         if k.endswith(".onnx") or k.endswith(".onnx.data")}})
     manifest.verify_files(src)
     with atomic_dir(Path(out_dir), overwrite=overwrite) as tmp:
-        if profile.backend == "ort":
-            from effx.targets.ort_build import build_ort
-
-            info = build_ort(src, manifest, profile, precision, calib, calib_samples, tmp, say)
-        else:
-            from effx.targets.tensorrt_build import build_engines, why_no_engine
-
-            reason = why_no_engine(profile)
-            if reason is None:
-                info = build_engines(src, manifest, profile, precision, dla_core, tmp, say)
-            else:
-                from effx.targets.kit import write_kit
-
-                say("writing a device build kit")
-                info = write_kit(src, manifest, profile, precision, calib, calib_samples, dla_core, reason, tmp)
+        info = BACKENDS[profile.backend].build_target(src, manifest, profile, precision, calib, calib_samples, dla_core,
+                                               tmp, say)
         built = manifest.model_copy(update={"stage": "build", "build": info})
         (tmp / "README.md").write_text(bundle_readme(built))
         built.hash_files(tmp)
@@ -57,31 +54,7 @@ def build(onnx_dir: str | Path, target: str = "cpu", precision: str = "fp32", ca
     return built
 
 
-def bundle_readme(manifest: Manifest) -> str:
-    """The bundle's README for the device: what is in the folder and how to feed it, from the manifest."""
-    info = manifest.build
-    lines = [f"# effx bundle: {manifest.family}, {manifest.spec['attention']['kind']} attention, "
-             f"{info.target} ({info.backend}, {info.precision})", ""]
-    if info.backend == "tensorrt" and info.engine_built:
-        lines += [f"TensorRT {info.tensorrt_version} engines for sm_{info.sm}: they load only with that TensorRT "
-                  "version on that GPU architecture.", "",
-                  "Run: `effx_run .` (runtimes/cpp; see its README), or `effx validate .` with Python.", ""]
-    elif info.backend == "tensorrt":
-        lines += [f"A device build kit (no engine yet: {info.reason}). See README.device.md.", ""]
-    else:
-        opts = {k: v for k, v in info.session_options.items() if k != "optimized_graphs"}
-        lines += ["ONNX Runtime graphs (the effx custom nodes carry standard-ONNX function bodies, so stock ONNX "
-                  f"Runtime runs them). Session options: `{opts}`; `<graph>.ort.onnx` is the pre-optimised graph "
-                  "for the C/C++ API.", "", "Check it against PyTorch: `effx validate .`", ""]
-    lines += ["## Graphs", ""]
-    for g in info.graphs.values():
-        lines.append(f"- `{g.file}` ({g.role}): inputs " + ", ".join(f"`{t.name}` {t.dtype}{t.shape}" for t in g.inputs[:6])
-                     + (" ..." if len(g.inputs) > 6 else "") + "; outputs "
-                     + ", ".join(f"`{t.name}`" for t in g.outputs[:4]) + (" ..." if len(g.outputs) > 4 else ""))
-        if g.dims:
-            lines.append("  dims: " + ", ".join(f"{d} {r.min}..{r.max} (opt {r.opt})" for d, r in g.dims.items()))
-    if manifest.kv_cache is not None:
-        plan = manifest.kv_cache
-        lines += ["", f"## KV cache: {plan.layout}", ""] + [f"{i}. {step}" for i, step in enumerate(plan.protocol, 1)]
-    lines += ["", "Every file's sha256 is in manifest.json (`files`)."]
-    return "\n".join(lines) + "\n"
+def open_runner(folder: Path, manifest: Manifest, provider: str | None = None, threads: int = 0) -> Runner:
+    """The runner for what `folder` holds: engines of its build's backend, or ONNX graphs for ONNX Runtime."""
+    backend = manifest.build.backend if manifest.build is not None else "ort"
+    return BACKENDS[backend].open_runner(Path(folder), manifest, provider=provider, threads=threads)

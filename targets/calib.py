@@ -1,5 +1,6 @@
-"""Calibration inputs for static quantization: seeded random feeds from the manifest's shapes, an .npz file,
-or a token file (whitespace-separated ids, one sequence per line)."""
+"""Calibration inputs for static quantization: token batches (seeded random, an .npz file, or a token file of
+whitespace-separated ids, one sequence per line) and the feeds of every graph they give (decoders through
+the host protocol)."""
 
 from __future__ import annotations
 
@@ -7,8 +8,10 @@ from pathlib import Path
 
 import numpy as np
 
-from effx.errors import SpecError
-from effx.manifest import Manifest
+from effx.core.errors import SpecError
+from effx.core.manifest import Manifest
+from effx.core.protocol import DecodeDriver
+from effx.core.runner import Feed, Runner
 
 
 def token_batches(manifest: Manifest, calib: str, samples: int, seq: int = 32, batch: int = 2, seed: int = 0) -> list[np.ndarray]:
@@ -37,3 +40,20 @@ def token_batches(manifest: Manifest, calib: str, samples: int, seq: int = 32, b
     n = min(len(r) for r in rows)
     ids = np.array([r[:n] for r in rows], dtype=np.int64)
     return [ids[i:i + batch] for i in range(0, min(len(ids), samples * batch), batch)]
+
+
+def calibration_feeds(manifest: Manifest, batches: list[np.ndarray], runner: Runner) -> dict[str, list[Feed]]:
+    """Feeds per graph for static quantization. Decoders follow the host protocol: prefill all but the last
+    token, then one decode step on the cache `runner` (the fp32 graphs) produced."""
+    graphs = manifest.graphs
+    if "decode" not in graphs:
+        name, g = next(iter(graphs.items()))
+        mask = "attention_mask" in {t.name for t in g.inputs}
+        return {name: [{"input_ids": ids} | ({"attention_mask": np.ones_like(ids)} if mask else {}) for ids in batches]}
+    feeds: dict[str, list[Feed]] = {"prefill": [], "decode": []}
+    for ids in batches:
+        driver = DecodeDriver(manifest, ids.shape[0], ids.shape[1])
+        feeds["prefill"].append(driver.prefill_feed(ids[:, :-1]))
+        driver.prefill(runner.infer, ids[:, :-1])
+        feeds["decode"].append(driver.step_feed(ids[:, -1:]))
+    return feeds

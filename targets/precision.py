@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from effx.errors import CapabilityError
+from effx.core.errors import CapabilityError
 from effx.targets.profiles import PRECISIONS, TargetProfile
 
 DLA_PRECISIONS = ("fp16", "int8")

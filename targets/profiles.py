@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from effx.errors import CapabilityError
+from effx.core.errors import CapabilityError
 
 PRECISIONS = ("fp32", "fp16", "bf16", "int8", "fp8", "int4w")
 

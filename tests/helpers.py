@@ -1,6 +1,6 @@
 """Tiny-config helpers shared by the tests."""
 
-from effx.spec import RunSpec
+from effx.core.spec import RunSpec
 
 # small but not trivial: 2-3 layers, d_model 64, GQA where decoders allow it
 DECODER_CASES = [

@@ -4,8 +4,8 @@ Python side breaks the device runner, which cannot be run here)."""
 import re
 from pathlib import Path
 
-from effx.manifest import Manifest
-from effx.spec import ModelSpec
+from effx.core.manifest import Manifest
+from effx.core.spec import ModelSpec
 
 SOURCE = Path(__file__).resolve().parents[1] / "runtimes" / "cpp" / "src" / "bundle.cpp"
 
@@ -23,6 +23,6 @@ def test_every_manifest_key_the_cpp_runtime_reads_exists():
     keys |= set(re.findall(r'\bat\([^,]+,\s*"([a-z_]+)"', text))
     keys |= set(re.findall(r'\.find\("([a-z_]+)"\)', text))
     assert {"schema_version", "kv_cache", "engine_built", "tensorrt_version", "sm", "protocol"} <= keys
-    # build.plugins entries are free-form dicts: {"op", "plugin"} as targets/tensorrt_build.py and kit.py write them
+    # build.plugins entries are free-form dicts: {"op", "plugin"} as targets/tensorrt/build.py and kit.py write them
     known = _schema_fields(Manifest.model_json_schema()) | set(ModelSpec.model_fields) | {"model", "op", "plugin"}
     assert keys - known == set(), f"bundle.cpp reads keys the manifest does not have: {sorted(keys - known)}"

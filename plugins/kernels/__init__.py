@@ -1,8 +1,9 @@
 """effx.plugins.kernels: fused Triton kernels for the effx ops, and their CUDA registration.
 
 Importing this package never imports triton. `install()` (called by effx.plugins) registers a CUDA
-implementation for every op with a kernel; that implementation imports the kernel module, and with it
-triton, on its first call, and falls back to the op's reference for inputs the kernels do not take.
+implementation for every op whose spec names a kernel (`OpSpec.cuda_kernel`); that implementation imports
+the kernel module, and with it triton, on its first call, and falls back to the op's reference for inputs
+the kernels do not take.
 On CPU tensors the torch ops keep running their reference; the kernels run on CPU only inside the Triton
 interpreter (tests), by calling the functions of the family modules directly.
 
@@ -15,30 +16,24 @@ pooled tokens and a repeat, which PyTorch's SDPA and TensorRT's fused attention 
 from __future__ import annotations
 
 import functools
-import importlib
 import inspect
 import warnings
 from collections.abc import Callable
 from typing import Any
 
-from effx.plugins.kernels._common import triton_available
+import torch
 
-# op name -> (kernel family module, launcher function)
-CUDA_KERNELS: dict[str, tuple[str, str]] = {
-    "LocalAttention": ("attention", "local_attention"),
-    "BlockSparseAttention": ("attention", "block_sparse_attention"),
-    "PagedAttention": ("attention", "paged_attention"),
-    "LinformerAttention": ("linformer", "linformer_attention"),
-    "LinearAttention": ("linear", "linear_attention"),
-    "LinearAttentionState": ("linear", "linear_attention_state"),
-}
+from effx.plugins.kernels import attention, linear, linformer
+from effx.plugins.kernels._common import triton_available
+from effx.plugins.opspec import OPS, OpSpec
+
 MAX_HEAD_DIM = 256  # one head row is one register tile; larger heads take the reference
+FAMILIES = {"attention": attention, "linear": linear, "linformer": linformer}  # plain Python until loaded
+CUDA_IMPLS: dict[str, Callable[..., Any]] = {}  # op name -> the implementation registered for CUDA tensors
 
 
 def _supported(op_name: str, args: tuple) -> str | None:
     """Why the kernels cannot take these arguments (None: they can)."""
-    import torch
-
     q = args[0]
     if q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         return f"dtype {q.dtype}"
@@ -51,12 +46,16 @@ def _supported(op_name: str, args: tuple) -> str | None:
     return None
 
 
+def with_kernels() -> dict[str, OpSpec]:
+    """The ops that have a fused kernel, by name."""
+    return {name: spec for name, spec in OPS.items() if spec.cuda_kernel is not None}
+
+
 def cuda_impl(op_name: str) -> Callable[..., Any]:
     """The CUDA implementation of an op: the fused kernel, imported on first call."""
-    from effx.plugins.opspec import OPS
-
-    family, function = CUDA_KERNELS[op_name]
-    reference = OPS[op_name].reference
+    spec = OPS[op_name]
+    family, function = spec.cuda_kernel
+    reference = spec.reference
     signature = inspect.signature(reference)
 
     @functools.wraps(reference)
@@ -66,27 +65,21 @@ def cuda_impl(op_name: str) -> Callable[..., Any]:
         if reason is not None:
             warnings.warn(f"effx {op_name}: no fused kernel for {reason}; running the reference", stacklevel=2)
             return reference(*args)
-        module = importlib.import_module(f"effx.plugins.kernels.{family}")
-        return getattr(module, function)(*args)
+        return getattr(FAMILIES[family], function)(*args)
 
     impl.__name__ = f"{op_name}_cuda"
     return impl
 
 
 def install() -> bool:
-    """Register the fused kernels as the CUDA implementations of the torch ops and record them on the specs.
+    """Register the fused kernels as the CUDA implementations of the torch ops (once).
 
     Without triton nothing is registered and CUDA tensors run the reference (the op's default kernel).
     """
     if not triton_available():
         return False
-    from effx.plugins.opspec import OPS
-
-    for op_name in CUDA_KERNELS:
-        spec = OPS[op_name]
-        if "cuda" in spec.kernels:
-            continue
-        impl = cuda_impl(op_name)
-        spec.torch_op.register_kernel("cuda")(impl)
-        spec.kernels["cuda"] = impl
+    for name, spec in with_kernels().items():
+        if name not in CUDA_IMPLS:
+            CUDA_IMPLS[name] = cuda_impl(name)
+            spec.torch_op.register_kernel("cuda")(CUDA_IMPLS[name])
     return True

@@ -1,4 +1,5 @@
-"""Plumbing shared by the Triton kernels: lazy loading, device/dtype helpers, ahead-of-time PTX for TensorRT.
+"""Plumbing shared by the Triton kernels: lazy loading, device/dtype helpers. (Ahead-of-time PTX for the
+TensorRT plugins is in effx.plugins.trt.ptx.)
 
 Why kernels are jitted lazily: `import effx` (and every effx submodule, see tests/test_imports.py) must not
 import triton, which costs about a second and is optional. The kernel modules therefore hold *plain*
@@ -16,19 +17,21 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import re
 import sys
-from dataclasses import dataclass
+from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 import torch
 
+from effx.core.lazy import lazy_import
+from effx.plugins.opspec import MASK_VALUE as OP_MASK_VALUE
+
 _LOADED: dict[tuple[str, bool], ModuleType] = {}
 
-# fp32's lowest finite value: a masked score. Finite so that a row whose keys are all masked so far never
-# computes inf - inf; exp(MASK - m) underflows to exactly 0 as soon as the row has one real score.
-MASK_VALUE = -3.4028234663852886e38
+# a masked score (effx.plugins.opspec): finite so that a row whose keys are all masked so far never computes
+# inf - inf; exp(MASK - m) underflows to exactly 0 as soon as the row has one real score
+MASK_VALUE = OP_MASK_VALUE
 
 
 def triton_available() -> bool:
@@ -41,18 +44,15 @@ def load(family: str, interpret: bool) -> ModuleType:
     key = (family, interpret)
     if key in _LOADED:
         return _LOADED[key]
-    from effx._lazy import lazy_import
-
     triton = lazy_import("triton", purpose="the fused attention kernels")
-    tl = importlib.import_module("triton.language")
+    tl = lazy_import("triton.language")
     if interpret:
-        from triton.runtime.interpreter import InterpretedFunction as wrap
+        wrap = lazy_import("triton.runtime.interpreter").InterpretedFunction
     else:
-        from triton.runtime.jit import JITFunction as wrap
+        wrap = lazy_import("triton.runtime.jit").JITFunction
 
-    source = importlib.import_module(f"effx.plugins.kernels.{family}")
     name = f"effx.plugins.kernels._jit_{family}_{'interpreted' if interpret else 'compiled'}"
-    spec = importlib.util.spec_from_file_location(name, source.__file__)
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name(f"{family}.py"))
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module  # triton looks functions' modules up by name (cache keys, source lines)
@@ -101,8 +101,7 @@ class _InterpreterLanguage:
         if kind not in ("InterpretedFunction", "JITFunction"):
             return value
         if name not in self._direct:
-            from triton.runtime.interpreter import InterpretedFunction
-
+            InterpretedFunction = lazy_import("triton.runtime.interpreter").InterpretedFunction  # noqa: N806
             fn = value if kind == "InterpretedFunction" else InterpretedFunction(value.fn)
             self._direct[name] = fn.rewrite()
         return self._direct[name]
@@ -128,10 +127,9 @@ def block_dim(n: int, minimum: int = 16) -> int:
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
-# torch dtype -> Triton signature type; TensorRT dtype names -> the same (used by the plugins' aot_impl)
+# torch dtype -> Triton signature type
 TRITON_TYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.int64: "i64",
                torch.int32: "i32"}
-TRT_TO_TRITON = {"FLOAT": "fp32", "HALF": "fp16", "BF16": "bf16", "INT64": "i64", "INT32": "i32"}
 
 
 def check_float(*tensors: torch.Tensor) -> None:
@@ -147,107 +145,3 @@ def sm_count(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
     return 8  # the interpreter has no SMs; a small number still exercises the split path in tests
-
-
-# -- ahead-of-time compilation (TensorRT AOT plugins) ----------------------------------------------------
-# The lowest PTX ISA that knows each architecture. TensorRT hands the PTX to the driver, which rejects an
-# ISA newer than itself, and Triton by default writes the ISA of the ptxas it bundles (8.8 for sm_87 and
-# 9.4 for sm_90 with triton 3.9): newer than many deployed drivers. So effx pins the ISA down to what the
-# target needs; ptxas still compiles it here, so a kernel that needs more fails at build time, not on
-# the device.
-_MIN_PTX_ISA = {100: 86, 101: 86, 103: 88, 110: 90, 120: 87, 121: 88}
-DEFAULT_PTX_ISA = 80  # PTX 8.0 (CUDA 12.0) is the first that has sm_90a
-
-
-def ptx_isa_for(arch: int) -> int:
-    return max(DEFAULT_PTX_ISA, _MIN_PTX_ISA.get(arch, 0))
-
-
-@dataclass(frozen=True)
-class CompiledPTX:
-    name: str  # PTX entry (kernel) name
-    ptx: str
-    num_warps: int
-    shared: int  # dynamic shared memory bytes the launch must provide
-    params: tuple[str, ...]  # PTX parameter types of the entry, in order (".u64 .ptr" / ".u32" ...)
-    arch: int
-
-
-_ENTRY = re.compile(r"\.visible\s+\.entry\s+(\w+)\s*\((.*?)\)", re.S)
-
-
-def ptx_entry_params(ptx: str) -> tuple[str, list[str]]:
-    """(entry name, parameter declarations) of the single kernel entry in a PTX module."""
-    found = _ENTRY.findall(ptx)
-    if len(found) != 1:
-        raise ValueError(f"expected one .entry in the PTX, found {len(found)}")
-    name, body = found[0]
-    params = [p.strip() for p in body.split(",") if p.strip()]
-    return name, params
-
-
-def _drop_hidden_params(ptx: str, n_visible: int, metadata: Any) -> str:
-    """Remove the scratch pointers Triton appends after the visible arguments, when the kernel never uses them.
-
-    Triton >= 3.3 appends `global_scratch` (and >= 3.5 `profile_scratch`) pointer parameters that its own
-    launcher fills. A TensorRT AOT plugin launches the entry with exactly inputs + int32 extras + outputs;
-    a kernel that declares more parameters than the launch supplies reads past the argument array. When
-    both scratch sizes are 0 and the body never loads those parameters, dropping the declarations leaves
-    a kernel whose ABI is exactly what TensorRT passes (and still correct if a launcher passes extra args,
-    which the driver then ignores).
-    """
-    name, params = ptx_entry_params(ptx)
-    hidden = params[n_visible:]
-    if not hidden:
-        return ptx
-    if getattr(metadata, "global_scratch_size", 0) or getattr(metadata, "profile_scratch_size", 0):
-        raise RuntimeError(f"{name} needs Triton scratch memory, which a TensorRT plugin launch cannot provide")
-    for i in range(n_visible, len(params)):
-        if re.search(rf"\[{name}_param_{i}\]", ptx):
-            raise RuntimeError(f"{name} reads hidden parameter {i}; its PTX cannot be launched by TensorRT")
-    head, rest = ptx.split(f".entry {name}(", 1)
-    decl, tail = rest.split(")", 1)
-    kept = [p for p in decl.split(",")][:n_visible]
-    return f"{head}.entry {name}({','.join(kept)}\n){tail}"
-
-
-def compile_ptx(family: str, kernel: str, signature: dict[str, str], constexprs: dict[str, Any], arch: int | None,
-                num_warps: int = 4, num_stages: int = 2, ptx_isa: int | None = None) -> CompiledPTX:
-    """Compile one kernel entry ahead of time; `arch` None compiles for the GPU of this machine.
-
-    `signature` maps every runtime argument, in order, to its Triton type ("*fp16", "i32", ...);
-    `constexprs` holds the compile-time ones. No GPU is needed when `arch` is given.
-    """
-    triton = importlib.import_module("triton")
-    from triton.backends.compiler import GPUTarget
-
-    if type(importlib.import_module("triton.language").max).__name__ == "InterpretedFunction":
-        raise RuntimeError("triton was imported with TRITON_INTERPRET=1, which cannot compile: compile the "
-                           "plugin kernels in a process without it")
-
-    module = load(family, interpret=False)
-    fn = getattr(module, kernel)
-    full_sig = {}
-    for param in fn.arg_names:
-        if param in constexprs:
-            full_sig[param] = "constexpr"
-        elif param in signature:
-            full_sig[param] = signature[param]
-        else:
-            raise KeyError(f"{kernel}: no type or value for argument {param}")
-    if set(signature) - set(full_sig) or set(constexprs) - set(full_sig):
-        raise KeyError(f"{kernel}: unknown arguments {sorted((set(signature) | set(constexprs)) - set(full_sig))}")
-    target = None
-    if arch is None:
-        target = triton.runtime.driver.active.get_current_target()
-        arch = int(target.arch)
-    else:
-        target = GPUTarget("cuda", arch, 32)
-    options = {"num_warps": num_warps, "num_stages": num_stages, "enable_fp_fusion": True,
-               "ptx_version": ptx_isa or ptx_isa_for(arch)}
-    src = triton.compiler.ASTSource(fn=fn, signature=full_sig, constexprs=dict(constexprs))
-    compiled = triton.compile(src, target=target, options=options)
-    ptx = _drop_hidden_params(compiled.asm["ptx"], len(signature), compiled.metadata)
-    name, params = ptx_entry_params(ptx)
-    types = tuple(re.sub(r"\s+\w+$", "", p.replace(".param", "").strip()) for p in params)
-    return CompiledPTX(name, ptx, compiled.metadata.num_warps, compiled.metadata.shared, types, arch)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from effx.plugins.kernels import _common
+from effx.plugins.kernels import _common, attention
 
 tl = None  # triton.language, bound by _common.load()
 
@@ -158,8 +158,6 @@ def linformer_attention(q: Tensor, k: Tensor, v: Tensor, e: Tensor, f: Tensor, s
     if q.numel() == 0:
         return torch.empty_like(q)
     if not fused:
-        from effx.plugins.kernels import attention
-
         k_proj, v_proj = project(k, v, e, f)
         return attention.dense_attention(q, k_proj, v_proj, scale)
     b, h, n, d = q.shape

@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from effx.cli import main
-from effx.spec import RunSpec
+from effx.core.spec import RunSpec
 
 
 def run_cli(args, capsys, monkeypatch):
@@ -27,7 +27,7 @@ def test_help_lists_commands(capsys, monkeypatch):
 
 
 def test_models_json_is_generated_from_registry(capsys, monkeypatch):
-    from effx.registry import describe
+    from effx.core.spec import describe
 
     code, out, _ = run_cli(["models", "--json"], capsys, monkeypatch)
     assert code == 0 and json.loads(out) == json.loads(json.dumps(describe()))
@@ -98,12 +98,12 @@ def test_unreadable_toml_via_subprocess(tmp_path):
 def test_readme_matrix_is_the_generated_one():
     from pathlib import Path
 
-    from effx.registry import describe
-    from effx.report_tables import compatibility_markdown
+    from effx.check.tables import compatibility_markdown
+    from effx.core.spec import describe
 
     readme = (Path(__file__).parents[2] / "README.md").read_text()
     section = readme.split("<!-- compat:begin -->\n")[1].split("\n<!-- compat:end -->")[0]
-    assert section == compatibility_markdown(describe()), "regenerate the README matrix from effx.registry"
+    assert section == compatibility_markdown(describe()), "regenerate the README matrix from effx.core.registry"
 
 
 EXPORT_BAD = [

@@ -7,7 +7,9 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from effx.manifest import Manifest
+from effx.core.manifest import Manifest
+from effx.core.protocol import decode_loop
+from effx.targets.ort import OrtRunner
 
 
 def session(path: Path) -> ort.InferenceSession:
@@ -17,11 +19,10 @@ def session(path: Path) -> ort.InferenceSession:
 
 
 def decode_in_ort(folder: Path, manifest: Manifest, ids: np.ndarray, prompt: int, block_table: np.ndarray | None = None):
-    """Prefill `prompt` tokens, then decode the rest one by one; returns logits (B, N, V)."""
-    from effx.pipeline import ort_decode_loop
-
-    return ort_decode_loop(session(folder / manifest.graphs["prefill"].file),
-                           session(folder / manifest.graphs["decode"].file), manifest, ids, prompt, block_table)
+    """Prefill `prompt` tokens, then decode the rest one by one through the host protocol; returns logits
+    (B, N, V)."""
+    with OrtRunner(folder, manifest, threads=1) as runner:
+        return np.concatenate(decode_loop(runner.infer, manifest, ids, prompt, block_table), axis=1)
 
 
 def empty_cache_feed(manifest: Manifest, batch: int) -> dict[str, np.ndarray]:

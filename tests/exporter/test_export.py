@@ -7,8 +7,8 @@ import onnx
 import pytest
 import torch
 
+from effx.core.manifest import Manifest, sha256_file
 from effx.exporter import export_model
-from effx.manifest import Manifest, sha256_file
 from effx.models import build_model
 from tests.exporter.ort_helpers import decode_in_ort, empty_cache_feed, encoder_error, session
 from tests.helpers import DECODER_CASES, ENCODER_CASES, case_id, decoder_spec, encoder_spec

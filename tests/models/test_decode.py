@@ -15,7 +15,7 @@ _decode = decode_chunks
 
 
 def test_every_compatible_decoder_pair_is_covered():
-    from effx.registry import ATTENTION
+    from effx.core.registry import ATTENTION
 
     pairs = {(kind, layout) for kind, e in ATTENTION.items() if "decoder" in e.families for layout in e.cache_layouts}
     assert pairs == {(c[0], c[1]) for c in DECODER_CASES}
@@ -95,7 +95,7 @@ def test_paged_pool_is_fixed_and_blocks_grow_by_block(tokens):
 
 
 def test_decoding_past_max_seq_len_is_an_error(tokens):
-    from effx.errors import EffxError
+    from effx.core.errors import EffxError
 
     model = build_model(decoder_spec("full", "contiguous", max_seq_len=8))
     cache = model.empty_cache(1)

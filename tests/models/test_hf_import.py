@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from effx.errors import ArtifactError, SpecError
+from effx.core.errors import ArtifactError, SpecError
 from effx.models.hf_import import hf_spec, import_hf, load_mapped
 from tests.helpers import decode_chunks
 
@@ -215,7 +215,7 @@ def test_missing_key_check_only_allows_new_attention_parameters(bert_dir):
 
 # ---------------------------------------------------------------------------------------------------- CLI
 def test_cli_import_and_run_with_swapped_attention_report_drift(bert_dir, tmp_path, capsys, monkeypatch):
-    from effx.report import ValidationReport
+    from effx.check.report import ValidationReport
     from tests.cli.test_cli import run_cli
 
     hf, folder = bert_dir

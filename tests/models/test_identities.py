@@ -40,7 +40,7 @@ def test_linformer_op_identity_per_head_and_shorter_input():
 
 
 def test_linformer_rejects_input_longer_than_max_seq_len(tokens):
-    from effx.errors import EffxError
+    from effx.core.errors import EffxError
 
     model = build_model(encoder_spec("linformer", {"k": 4}, max_seq_len=16))
     with pytest.raises(EffxError, match="max_seq_len"):

@@ -4,9 +4,9 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from effx.core.registry import ATTENTION, compatible_layouts
+from effx.core.spec import RunSpec
 from effx.models import build_model
-from effx.registry import ATTENTION, compatible_layouts
-from effx.spec import RunSpec
 
 
 @st.composite

@@ -59,7 +59,7 @@ def ptx_facts(compiled, arch: int) -> dict[str, Any]:
 
 
 def _compile_for(spec, kernel_dims: dict[str, int], float_type: str, arch: int, tactic: int = 1):
-    from effx.plugins import tensorrt_plugins as tp
+    from effx.plugins.trt import definitions as tp
 
     kernel, candidates = tp.kernel_constexprs(spec, _typed_attrs(spec, ATTRS[spec.name]), float_type, kernel_dims,
                                               tactic)
@@ -97,19 +97,19 @@ TORCH_PATH_KERNELS = {
 
 
 def part_torch_path(arch: int = 90) -> list[dict[str, Any]]:
-    from effx.plugins.kernels import _common
+    from effx.plugins.trt.ptx import compile_ptx
 
     out = []
     for (family, kernel), (signature, variants) in TORCH_PATH_KERNELS.items():
         for constexprs in variants:
-            compiled = _common.compile_ptx(family, kernel, signature, constexprs, arch, 4, 2)
+            compiled = compile_ptx(family, kernel, signature, constexprs, arch, 4, 2)
             out.append({"kernel": kernel, "constexprs": constexprs, "n_args": len(signature), **ptx_facts(compiled,
                                                                                                          arch)})
     return out
 
 
 def part_ptx() -> list[dict[str, Any]]:
-    from effx.plugins.tensorrt_plugins import PLUGIN_SPECS
+    from effx.plugins.trt import PLUGIN_SPECS
 
     out = []
     cases = []
@@ -218,7 +218,7 @@ def _onnx_fields(trt, creator, attrs: dict[str, Any]):
 
 
 def drive_plugin(trt, case_name: str, case: dict[str, Any], arch: int) -> dict[str, Any]:
-    from effx.plugins.tensorrt_plugins import PLUGIN_NAMESPACE, PLUGIN_SPECS
+    from effx.plugins.trt import PLUGIN_NAMESPACE, PLUGIN_SPECS
 
     name = case_name.split("/")[0]
     spec = PLUGIN_SPECS[name]
@@ -330,7 +330,7 @@ def part_qdp(bindings: Path, arch: int) -> dict[str, Any]:
     import tensorrt as trt
     import tensorrt.plugin as trtp
 
-    from effx.plugins.tensorrt_plugins import register_tensorrt_plugins
+    from effx.plugins.trt import register_tensorrt_plugins
 
     for fn in (_desc_one, _desc_two, _desc_list):
         fn.__annotations__ |= {"x": trtp.TensorDesc, "return": trtp.TensorDesc}

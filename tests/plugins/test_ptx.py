@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import pytest
 
-from effx.plugins.kernels._common import DEFAULT_PTX_ISA
-from effx.plugins.tensorrt_plugins import PLUGIN_SPECS, SHARED_MEMORY_LIMIT
+from effx.plugins.trt import PLUGIN_SPECS, SHARED_MEMORY_LIMIT
+from effx.plugins.trt.ptx import DEFAULT_PTX_ISA
 
 ARCH_TARGET = {87: "sm_87", 90: "sm_90a"}  # Triton writes the arch-specific sm_90a for compute capability 9.0
 

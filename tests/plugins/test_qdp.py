@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 
 from effx.plugins import OPS
-from effx.plugins.tensorrt_plugins import PLUGIN_SPECS
+from effx.plugins.trt import PLUGIN_SPECS
 
 FIELD_TYPES = {int: "INT64", float: "FLOAT64", bool: "INT8", str: "CHAR"}  # tensorrt.plugin._utils
 

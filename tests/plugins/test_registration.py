@@ -10,28 +10,26 @@ import warnings
 import pytest
 import torch
 
-import effx._lazy
+import effx.core.lazy
 import effx.plugins
-from effx.errors import MissingDependencyError
+from effx.core.errors import MissingDependencyError
 from effx.plugins import OPS
-from effx.plugins.kernels import CUDA_KERNELS, attention, cuda_impl, linear, linformer
+from effx.plugins.kernels import CUDA_IMPLS, attention, cuda_impl, linear, linformer, with_kernels
 from effx.plugins.local import local_attention_reference
-from effx.plugins.tensorrt_plugins import PLUGIN_NAMESPACE, PLUGIN_SPECS, node_attributes
+from effx.plugins.trt import PLUGIN_NAMESPACE, PLUGIN_SPECS, node_attributes
 
 FAMILIES = {"attention": attention, "linformer": linformer, "linear": linear}
 
 
 def test_every_op_but_hourglass_has_a_cuda_kernel_and_a_plugin():
-    assert set(CUDA_KERNELS) == set(PLUGIN_SPECS) == set(OPS) - {"HourglassAttention"}
+    assert set(with_kernels()) == set(PLUGIN_SPECS) == set(OPS) - {"HourglassAttention"}
 
 
-@pytest.mark.parametrize("op_name", sorted(CUDA_KERNELS))
+@pytest.mark.parametrize("op_name", sorted(with_kernels()))
 def test_cuda_kernel_registered_on_the_torch_op(op_name):
     spec = OPS[op_name]
-    assert "cuda" in spec.kernels
+    assert op_name in CUDA_IMPLS
     assert torch._C._dispatch_has_kernel_for_dispatch_key(spec.torch_op._qualname, "CUDA")
-    # CPU keeps the reference: the CPU kernel of the op is not ours
-    assert not spec.kernels.get("cpu")
 
 
 def test_cuda_impl_runs_the_kernel_and_takes_keywords(kernel_device):
@@ -40,7 +38,7 @@ def test_cuda_impl_runs_the_kernel_and_takes_keywords(kernel_device):
     k = torch.randn(1, 1, 17, 8, device=kernel_device)
     v = torch.randn(1, 1, 17, 8, device=kernel_device)
     pos = torch.arange(17, device=kernel_device)[None]
-    impl = OPS["LocalAttention"].kernels["cuda"]
+    impl = CUDA_IMPLS["LocalAttention"]
     out = impl(q, k, v, pos, pos, window=4, causal=True, scale=0.5)
     assert (out - local_attention_reference(q, k, v, pos, pos, 4, True, 0.5)).abs().max() <= 1e-4
 
@@ -64,8 +62,9 @@ import sys
 import effx.plugins
 from effx.plugins import OPS
 import effx.plugins.kernels.attention, effx.plugins.kernels.linear, effx.plugins.kernels.linformer
-import effx.plugins.tensorrt_plugins
-print("KERNELS", sorted(n for n, s in OPS.items() if "cuda" in s.kernels))
+import effx.plugins.trt
+from effx.plugins.kernels import CUDA_IMPLS
+print("KERNELS", sorted(CUDA_IMPLS))
 print("HEAVY", [m for m in ("triton", "tensorrt") if m in sys.modules])
 """
 
@@ -85,7 +84,8 @@ def test_without_triton_ops_keep_the_reference_and_kernels_say_which_extra():
         "sys.modules['triton'] = None  # import triton -> ImportError\n"
         "import torch, effx.plugins\n"
         "from effx.plugins import OPS\n"
-        "print('KERNELS', [n for n, s in OPS.items() if s.kernels])\n"
+        "from effx.plugins.kernels import CUDA_IMPLS\n"
+        "print('KERNELS', sorted(CUDA_IMPLS))\n"
         "from effx.plugins.kernels import attention\n"
         "x = torch.randn(1, 1, 4, 8); p = torch.arange(4)[None]\n"
         "try:\n"
@@ -127,9 +127,9 @@ def test_node_attributes_select_the_aot_plugin():
 
 
 def test_register_without_tensorrt_names_the_extra():
-    if effx._lazy.has_module("tensorrt"):
+    if effx.core.lazy.has_module("tensorrt"):
         pytest.skip("TensorRT is installed here")
-    from effx.plugins.tensorrt_plugins import register_tensorrt_plugins
+    from effx.plugins.trt import register_tensorrt_plugins
 
     with pytest.raises(MissingDependencyError, match=r"effx\[tensorrt\]"):
         register_tensorrt_plugins()

@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from effx.core.spec import RunSpec
 from effx.models import build_model
-from effx.spec import RunSpec
 
 EXAMPLES = sorted((Path(__file__).parents[2] / "examples").glob("*.toml"))
 

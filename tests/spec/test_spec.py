@@ -2,9 +2,9 @@
 
 import pytest
 
-from effx.errors import CompatibilityError, SpecError
-from effx.registry import ATTENTION, CACHES, compatible_layouts
-from effx.spec import RunSpec
+from effx.core.errors import CompatibilityError, SpecError
+from effx.core.registry import ATTENTION, CACHES, compatible_layouts
+from effx.core.spec import RunSpec
 
 INVALID = [
     ({"model": {"d_model": 65}}, "model.d_model"),
@@ -67,7 +67,7 @@ def test_every_declared_compatible_pair_validates():
 
 
 def test_toml_round_trip_and_overrides(tmp_path):
-    from effx.spec_toml import spec_to_commented_toml
+    from effx.core.spec_toml import spec_to_commented_toml
 
     spec = RunSpec.parse({"model": {"family": "decoder", "n_kv_heads": 2},
                           "attention": {"kind": "local", "window": 8}, "kv_cache": {"layout": "ring"}})

@@ -12,13 +12,13 @@ import onnx
 import pytest
 import torch
 
-from effx.errors import CapabilityError
+from effx.core.errors import CapabilityError
+from effx.core.manifest import Manifest
 from effx.exporter import export_model
-from effx.manifest import Manifest
 from effx.models import build_model
 from effx.targets.api import build
-from effx.targets.kit import TRTEXEC_FLAGS
 from effx.targets.profiles import TARGETS, get_target
+from effx.targets.tensorrt.kit import TRTEXEC_FLAGS
 from tests.exporter.ort_helpers import decode_in_ort, session
 from tests.helpers import decoder_spec, encoder_spec
 
@@ -139,7 +139,7 @@ def test_kit_shapes_cover_every_dynamic_input(tmp_path_factory, tmp_path):
 
 def test_failed_build_leaves_nothing(tmp_path_factory, tmp_path, monkeypatch):
     _, src = _exported(tmp_path_factory, "encoder")
-    from effx.targets import ort_build
+    from effx.targets.ort import build as ort_build
 
     monkeypatch.setattr(ort_build, "_save_optimized", lambda *a: (_ for _ in ()).throw(RuntimeError("simulated")))
     with pytest.raises(RuntimeError, match="simulated"):
@@ -148,7 +148,7 @@ def test_failed_build_leaves_nothing(tmp_path_factory, tmp_path, monkeypatch):
 
 
 def test_readme_targets_table_is_generated():
-    from effx.report_tables import targets_markdown
+    from effx.check.tables import targets_markdown
     from effx.targets.profiles import targets_table
 
     readme = (Path(__file__).parents[2] / "README.md").read_text()
@@ -170,9 +170,9 @@ def test_tensorrt_api_names_exist_in_the_bindings():
     if strings is None:
         pytest.skip("tensorrt-cu13-bindings' tensorrt.so not found (set EFFX_TRT_BINDINGS_SO to check the names)")
     root = Path(__file__).parents[2]
-    source = (root / "targets" / "tensorrt_build.py").read_text()
+    source = (root / "targets" / "tensorrt" / "build.py").read_text()
     names = set(re.findall(r"trt\.(\w+)", source)) | set(re.findall(r"(?:config|builder|parser|network|profile)\.(\w+)", source))
-    runner = (root / "effx" / "runners.py").read_text()  # TrtRunner: runtime, engine and context calls
+    runner = (root / "targets" / "tensorrt" / "runner.py").read_text()  # runtime, engine and context calls
     runner = runner[runner.index("class TrtRunner"):runner.index("def _torch_dtype")]
     names |= set(re.findall(r"(?:trt|runtime|engine|ctx)\.(\w+)", runner)) - {"_trt"}
     assert {"deserialize_cuda_engine", "set_tensor_address", "execute_async_v3", "get_tensor_mode"} <= names
@@ -184,7 +184,7 @@ def test_tensorrt_api_names_exist_in_the_bindings():
 def test_triton_repository_from_a_cpu_build(tmp_path_factory, tmp_path):
     import re as _re
 
-    from effx.targets.triton_repo import write_triton_repo
+    from effx.targets.bundle.triton import write_triton_repo
 
     _, src = _exported(tmp_path_factory, "encoder")
     build(src, "cpu", "fp32", out_dir=tmp_path / "b")

@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-import effx.bench as bench_mod
-from effx.bench import bench, parse_params, ratios, table_markdown
-from effx.errors import SpecError
+import effx.check.bench as bench_mod
+from effx.check.bench import bench, parse_params, ratios, table_markdown
+from effx.core.errors import SpecError
 from tests.cli.test_cli import run_cli
 
 

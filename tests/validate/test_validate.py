@@ -12,17 +12,23 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from effx.errors import ArtifactError, ValidationFailed
+from effx.check.divergence import block_boundaries
+from effx.check.report import ValidationReport
+from effx.check.validate import ValidateOptions, validate
+from effx.core.errors import ArtifactError, ValidationFailed
+from effx.core.manifest import Manifest
 from effx.exporter import export_model
-from effx.manifest import Manifest
 from effx.models import build_model, save_model
-from effx.report import ValidationReport
 from effx.targets.api import build
-from effx.validate import block_boundaries, validate
 from tests.cli.test_cli import run_cli
 from tests.helpers import decoder_spec, encoder_spec
 
 _BUILDS: dict = {}
+
+
+def check(folder, output=None, reference=None, **options):
+    """effx.check.validate.validate with the options as keywords."""
+    return validate(folder, ValidateOptions(**options), output=output, reference=reference)
 
 
 def _built(tmp_path_factory, name: str, precision: str = "fp32") -> Path:
@@ -62,7 +68,7 @@ def _is_png(path: Path) -> bool:
 
 def test_fp32_encoder_passes_with_schema_valid_report_and_plots(tmp_path_factory, tmp_path):
     jsonschema = pytest.importorskip("jsonschema")
-    report = validate(_built(tmp_path_factory, "encoder"), seqs=[12, 24], batches=[1, 2], output=tmp_path / "r",
+    report = check(_built(tmp_path_factory, "encoder"), seqs=[12, 24], batches=[1, 2], output=tmp_path / "r",
                       iters=3)
     assert report.passed and len(report.cases) == 4
     for case in report.cases:
@@ -102,7 +108,7 @@ def test_corrupted_block_fails_and_is_named(tmp_path_factory, tmp_path, capsys, 
 
 
 def test_decoder_paged_passes_steps_and_greedy(tmp_path_factory, tmp_path):
-    report = validate(_built(tmp_path_factory, "decoder"), seqs=[10], batches=[2], steps=6, output=tmp_path / "r",
+    report = check(_built(tmp_path_factory, "decoder"), seqs=[10], batches=[2], steps=6, output=tmp_path / "r",
                       iters=2, plots=False)
     (case,) = report.cases
     assert report.passed and [o.name for o in case.outputs] == ["logits (prefill)", "logits (decode steps)"]
@@ -115,11 +121,11 @@ def test_decoder_corruption_is_located_in_the_prefill_graph(tmp_path_factory, tm
     bad = tmp_path / "bad"
     _corrupt_copy(_built(tmp_path_factory, "decoder"), bad, "prefill.onnx", "model.blocks.1.attn.v_proj.weight")
     with pytest.raises(ValidationFailed, match=r"model\.blocks\.1"):
-        validate(bad, seqs=[10], iters=1, plots=False)
+        check(bad, seqs=[10], iters=1, plots=False)
 
 
 def test_int8_build_is_judged_with_int8_tolerance(tmp_path_factory, tmp_path):
-    report = validate(_built(tmp_path_factory, "encoder", "int8"), output=tmp_path / "r", iters=1, plots=False)
+    report = check(_built(tmp_path_factory, "encoder", "int8"), output=tmp_path / "r", iters=1, plots=False)
     assert report.precision == "int8" and report.tolerance["min_cosine"] == 0.98
     (out,) = report.cases[0].outputs
     assert report.passed and out.max_abs > 1e-4  # quantised: not fp32-exact, but within int8 tolerance
@@ -133,8 +139,8 @@ def test_reference_weights_must_match_the_export(tmp_path):
     save_model(model, tmp_path / "weights")
     export_model(model, tmp_path / "onnx")
     with pytest.raises(ArtifactError, match="--reference"):
-        validate(tmp_path / "onnx", iters=1, plots=False)
-    report = validate(tmp_path / "onnx", reference=tmp_path / "weights", iters=1, plots=False)
+        check(tmp_path / "onnx", iters=1, plots=False)
+    report = check(tmp_path / "onnx", reference=tmp_path / "weights", iters=1, plots=False)
     assert report.passed and report.reference["source"] == str(tmp_path / "weights")
 
 
@@ -142,7 +148,7 @@ def test_inputs_file_and_bad_inputs(tmp_path_factory, tmp_path, capsys, monkeypa
     folder = _built(tmp_path_factory, "encoder")
     ids = np.random.default_rng(0).integers(0, 1000, (3, 7))
     np.savez(tmp_path / "in.npz", input_ids=ids)
-    report = validate(folder, inputs=str(tmp_path / "in.npz"), output=tmp_path / "r", iters=1, plots=False)
+    report = check(folder, inputs=str(tmp_path / "in.npz"), output=tmp_path / "r", iters=1, plots=False)
     assert report.passed and (report.cases[0].batch, report.cases[0].seq) == (3, 7)
     for args, needle in ([["--inputs", str(tmp_path / "none.npz")], "no such file"],
                          [["--seq", "0"], "positive"], [["--seq", "999"], "max_seq_len"],
@@ -160,15 +166,15 @@ def test_every_cache_protocol_validates_in_fp16(kind, layout, attention, tmp_pat
     model = build_model(decoder_spec(kind, layout, attention, n_layers=3))
     export_model(model, tmp_path / "onnx")
     build(tmp_path / "onnx", "cpu", "fp16", out_dir=tmp_path / "fp16")
-    report = validate(tmp_path / "fp16", seqs=[11], batches=[2], steps=5, iters=1, plots=False)
+    report = check(tmp_path / "fp16", seqs=[11], batches=[2], steps=5, iters=1, plots=False)
     (case,) = report.cases
     assert report.passed and report.precision == "fp16" and case.decode.greedy_steps == 5
     assert 0 < max(case.decode.step_max_abs) <= 0.1  # fp16: not exact, within its tolerance
 
 
 def test_int8_paged_decoder_calibrates_through_the_host_protocol(tmp_path_factory, tmp_path):
-    # calibration feeds for paged decoders (block tables, pools) come from effx.runners' prefill/step feeds
-    report = validate(_built(tmp_path_factory, "decoder", "int8"), seqs=[10], iters=1, plots=False,
+    # calibration feeds for paged decoders (block tables, pools) come from the host protocol (effx.core.protocol)
+    report = check(_built(tmp_path_factory, "decoder", "int8"), seqs=[10], iters=1, plots=False,
                       output=tmp_path / "r")
     assert report.passed and report.precision == "int8"
     assert all(0 < o.max_abs and o.cosine >= 0.98 for o in report.cases[0].outputs)

@@ -6,7 +6,8 @@
 // Decoders: prefill N tokens, then S greedy decode steps following manifest.kv_cache (contiguous, paged, ring,
 // state, multiscale): every present.* output is fed back as the matching past.* input of the next step
 // (two device buffers per cache tensor, ping-pong), past_lengths / new_lengths / block_table are computed on
-// the host like effx.pipeline.ort_decode_loop, and the next token is the argmax of the last logits.
+// the host as effx.core.protocol.DecodeDriver does (the one Python driver of the protocol: effx/core/protocol.py),
+// and the next token is the argmax of the last logits (effx.core.protocol.greedy).
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -529,7 +530,7 @@ private:
     }
 
     // Every sequence gets its own consecutive physical blocks, enough for all tokens of the run
-    // (effx.runners.paged_controls, which effx.targets.ort_build._paged_controls calls).
+    // (effx.core.protocol.block_table_for, what DecodeDriver allocates for paged caches).
     void make_block_table() {
         auto bs = plan_.int_params.find("block_size"), nb = plan_.int_params.find("num_blocks");
         const effx::ControlInput* c = plan_.control("block_table");

@@ -1,4 +1,4 @@
-// effx build bundle: the folder `effx build` writes, described by manifest.json (effx/manifest.py).
+// effx build bundle: the folder `effx build` writes, described by manifest.json (effx/core/manifest.py).
 // The field names below are the public manifest format (schema_version 1).
 #pragma once
 

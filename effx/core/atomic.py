@@ -11,7 +11,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from effx.errors import OutputPathError
+from effx.core.errors import OutputPathError
 
 
 def check_output_dir(out: Path, overwrite: bool = False) -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from effx.manifest import BuildInfo, Manifest
+from effx.core.manifest import BuildInfo, Manifest
 from effx.targets.calib import token_batches
 from effx.targets.profiles import TargetProfile
 

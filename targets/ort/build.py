@@ -20,12 +20,15 @@ import warnings
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import onnx
+import onnxruntime as ort
+from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
 
-from effx.errors import CapabilityError, EffxError
-from effx.manifest import BuildInfo, GraphSpec, Manifest
-from effx.targets.calib import token_batches
+from effx.core.errors import CapabilityError, EffxError
+from effx.core.lazy import lazy_import
+from effx.core.manifest import BuildInfo, GraphSpec, Manifest
+from effx.targets.calib import calibration_feeds, token_batches
+from effx.targets.ort.runner import OrtRunner
 from effx.targets.profiles import TargetProfile
 
 SESSION_OPTIONS = {"graph_optimization_level": "ORT_ENABLE_EXTENDED", "intra_op_num_threads": 0,
@@ -34,35 +37,6 @@ SESSION_OPTIONS = {"graph_optimization_level": "ORT_ENABLE_EXTENDED", "intra_op_
 
 def _effx_count(model: onnx.ModelProto) -> int:
     return sum(1 for n in model.graph.node if n.domain == "effx")
-
-
-def _session(path: Path, providers: tuple[str, ...]):
-    import onnxruntime as ort
-
-    return ort.InferenceSession(str(path), providers=list(providers) or ["CPUExecutionProvider"])
-
-
-def calibration_feeds(src: Path, manifest: Manifest, batches: list[np.ndarray]) -> dict[str, list[dict]]:
-    """Feeds per graph. Decoder caches come from running the fp32 prefill graph on the tokens."""
-    graphs = manifest.graphs
-    if "decode" not in graphs:
-        g = next(iter(graphs.values()))
-        names = {t.name for t in g.inputs}
-        return {next(iter(graphs)): [
-            {"input_ids": ids} | ({"attention_mask": np.ones_like(ids)} if "attention_mask" in names else {})
-            for ids in batches]}
-    from effx.runners import cache_feed, prefill_feed, step_feed
-
-    prefill = _session(src / graphs["prefill"].file, ("CPUExecutionProvider",))
-    out_names = [o.name for o in prefill.get_outputs()]
-    feeds: dict[str, list[dict]] = {"prefill": [], "decode": []}
-    for ids in batches:  # the host protocol (effx.runners): prefill all but the last token, then one step
-        n = ids.shape[1]
-        feed = prefill_feed(manifest, ids[:, :-1], n)
-        feeds["prefill"].append(feed)
-        outs = dict(zip(out_names, prefill.run(None, feed), strict=True))
-        feeds["decode"].append(step_feed(manifest, ids[:, -1:], n - 1, cache_feed(outs), feed.get("block_table")))
-    return feeds
 
 
 @contextlib.contextmanager
@@ -92,13 +66,16 @@ class _Reader:
 
 
 def build_ort(src: Path, manifest: Manifest, target: TargetProfile, precision: str, calib: str, samples: int,
-              out: Path, say: Callable[[str], None]) -> BuildInfo:
+              dla_core: int | None, out: Path, say: Callable[[str], None]) -> BuildInfo:
+    """The graphs of `src` at `precision` in `out` (dla_core: ONNX Runtime targets have no DLA; the
+    capability check has refused it already)."""
     if precision not in ("fp32", "fp16", "int8"):
         raise CapabilityError(f"--precision {precision} is not available on ONNX Runtime targets (fp32, fp16, int8)")
     feeds = None
     if precision == "int8" and calib != "dynamic":
         say(f"calibrating on {samples} batches ({calib})")
-        feeds = calibration_feeds(src, manifest, token_batches(manifest, calib, samples))
+        with OrtRunner(src, manifest) as fp32:  # decoder caches come from the fp32 graphs
+            feeds = calibration_feeds(manifest, token_batches(manifest, calib, samples), fp32)
     graphs: dict[str, GraphSpec] = {}
     for name, g in manifest.graphs.items():
         say(f"{precision} {g.file}")
@@ -110,8 +87,6 @@ def build_ort(src: Path, manifest: Manifest, target: TargetProfile, precision: s
             if data.exists():
                 shutil.copyfile(data, dst.with_suffix(".onnx.data"))
         elif precision == "fp16":
-            from effx._lazy import lazy_import
-
             float16 = lazy_import("onnxconverter_common.float16", extra="quant", purpose="fp16 conversion")
             # Cast and ConstantOfShape carry their float type in an attribute the converter leaves alone:
             # keep them in fp32 and let the converter cast around them
@@ -125,8 +100,6 @@ def build_ort(src: Path, manifest: Manifest, target: TargetProfile, precision: s
             del m16.graph.value_info[:]
             onnx.save_model(m16, str(dst))
         else:
-            from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
-
             if feeds is None:
                 with _quiet_root_logger():
                     quantize_dynamic(str(src_path), str(dst), weight_type=QuantType.QInt8, per_channel=True)
@@ -167,8 +140,6 @@ def _split_consumed_outputs(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def _save_optimized(src: Path, dst: Path, target: TargetProfile) -> None:
-    import onnxruntime as ort
-
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
     opts.optimized_model_filepath = str(dst)

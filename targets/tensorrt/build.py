@@ -4,24 +4,31 @@ it cannot run on a machine without the TensorRT libraries, where effx writes a d
 
 from __future__ import annotations
 
+import shutil
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from effx.errors import EffxError
-from effx.manifest import BuildInfo, Manifest
-from effx.targets.kit import engine_name, shape_flags
+import numpy as np
+import torch
+
+from effx.core.errors import EffxError
+from effx.core.lazy import lazy_import
+from effx.core.manifest import BuildInfo, Manifest
+from effx.targets.calib import token_batches
 from effx.targets.profiles import TargetProfile
+from effx.targets.tensorrt.kit import engine_name, modelopt_command, shape_flags
+from effx.targets.tensorrt.plugins import register_plugins
 
 
 def why_no_engine(target: TargetProfile) -> str | None:
     """None when this machine can build the target's engine, else the reason."""
     try:
-        import tensorrt as trt  # noqa: F401
-    except Exception as exc:  # ImportError, or the libraries missing behind the bindings
+        lazy_import("tensorrt", purpose="building engines")
+    except Exception as exc:  # not installed, or the libraries missing behind the bindings
         return f"TensorRT is not importable here ({exc.__class__.__name__}); pip install 'effx[tensorrt]' on a GPU machine"
     try:
-        import torch
-
         if not torch.cuda.is_available():
             return "no CUDA GPU on this machine"
         major, minor = torch.cuda.get_device_capability()
@@ -44,10 +51,9 @@ def _profile_dims(manifest: Manifest, graph: str) -> dict[str, list[tuple[int, .
 
 def build_engines(src: Path, manifest: Manifest, target: TargetProfile, precision: str, dla_core: int | None,
                   out: Path, say: Callable[[str], None], timing_cache: Path | None = None) -> BuildInfo:
-    import tensorrt as trt
-
+    trt = lazy_import("tensorrt", purpose="building engines")
     logger = trt.Logger(trt.Logger.WARNING)
-    _register_plugins()
+    register_plugins()
     major = int(trt.__version__.split(".")[0])
     if major >= 11 and precision != "fp32":
         src = _graph_precision_with_modelopt(src, manifest, precision, out, say)
@@ -97,16 +103,6 @@ def build_engines(src: Path, manifest: Manifest, target: TargetProfile, precisio
 def _graph_precision_with_modelopt(src: Path, manifest: Manifest, precision: str, out: Path,
                                    say: Callable[[str], None]) -> Path:
     """TensorRT 11 is strongly typed: run ModelOpt on copies of the graphs (calibrating on random tokens)."""
-    import shutil
-    import subprocess
-    import sys
-
-    import numpy as np
-
-    from effx._lazy import lazy_import
-    from effx.targets.calib import token_batches
-    from effx.targets.kit import modelopt_command
-
     lazy_import("modelopt.onnx", extra="tensorrt", purpose=f"{precision} graphs for TensorRT 11 (nvidia-modelopt[onnx])")
     work = out / "modelopt"
     work.mkdir()
@@ -117,12 +113,3 @@ def _graph_precision_with_modelopt(src: Path, manifest: Manifest, precision: str
         cmd = modelopt_command(g.file, precision)
         subprocess.run([sys.executable, *cmd[1:]], cwd=work, check=True)
     return work
-
-
-def _register_plugins() -> None:
-    """Register the effx TensorRT plugins before parsing, where the plugins module provides them."""
-    try:
-        from effx.plugins import tensorrt_plugins  # type: ignore[attr-defined]
-    except ImportError:
-        return  # no plugin registrations: the parser inlines the effx functions
-    tensorrt_plugins.register_tensorrt_plugins()

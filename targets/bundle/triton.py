@@ -12,9 +12,9 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from effx.atomic import atomic_dir
-from effx.errors import ArtifactError
-from effx.manifest import Manifest
+from effx.core.atomic import atomic_dir
+from effx.core.errors import ArtifactError
+from effx.core.manifest import Manifest
 
 _TYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "bfloat16": "TYPE_BF16", "int64": "TYPE_INT64",
           "int32": "TYPE_INT32", "bool": "TYPE_BOOL", "int8": "TYPE_INT8"}

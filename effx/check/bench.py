@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import resource
 import subprocess
 import sys
 import tempfile
@@ -23,7 +24,20 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from effx.errors import SpecError
+import numpy as np
+import onnxruntime
+
+import effx
+from effx.check.measure import PeakRss, cpu_name, percentiles
+from effx.core.errors import SpecError
+from effx.core.lazy import has_module, lazy_import
+from effx.core.manifest import Manifest
+from effx.core.spec import RunSpec
+from effx.exporter import export_model
+from effx.models import build_model
+from effx.targets.api import build, open_runner
+from effx.targets.precision import check_request
+from effx.targets.profiles import get_target
 
 BENCH_SCHEMA_VERSION = 1
 # the Linformer paper's settings where a kind has a length parameter; others take the spec defaults
@@ -70,10 +84,6 @@ def bench(kinds: list[str], seqs: list[int], batches: list[int] | None = None, t
           on_cell: Callable[[int, int], None] | None = None) -> dict:
     """Run the sweep; returns the results dict also written to `output`/bench.json. `progress` gets what is
     being done, `on_cell(done, total)` the count of cells to run in this call (for a progress bar)."""
-    from effx.spec import RunSpec
-    from effx.targets.precision import check_request
-    from effx.targets.profiles import get_target
-
     say = progress or (lambda _m: None)
     profile = get_target(target)
     check_request(profile, precision)
@@ -112,8 +122,6 @@ def bench(kinds: list[str], seqs: list[int], batches: list[int] | None = None, t
                 tick(i, len(todo))
     results["ratios"] = ratios(results["cells"])
     if plots:
-        from effx._lazy import has_module
-
         if has_module("matplotlib"):
             say("plots")
             results["plots"] = write_plots(results, out)
@@ -149,10 +157,6 @@ def _write_json(path: Path, data: dict) -> None:
 
 
 def _build(spec, folder: Path, target: str, precision: str) -> Path:
-    from effx.exporter import export_model
-    from effx.models import build_model
-    from effx.targets.api import build
-
     export_model(build_model(spec), folder / "onnx")
     build(folder / "onnx", target, precision, out_dir=folder / "build")
     return folder / "build"
@@ -161,8 +165,6 @@ def _build(spec, folder: Path, target: str, precision: str) -> Path:
 def run_cell(build_dir: Path, n: int, batch: int, warmup: int, iters: int, threads: int,
              mem_limit_mb: int, timeout_s: float = 3600) -> dict:
     """One cell in a child process under RLIMIT_AS; OOM and crashes become records, not exceptions."""
-    import resource
-
     limit = int(mem_limit_mb) * 2**20
 
     def cap() -> None:
@@ -171,7 +173,7 @@ def run_cell(build_dir: Path, n: int, batch: int, warmup: int, iters: int, threa
     args = json.dumps({"build": str(build_dir), "n": n, "batch": batch, "warmup": warmup, "iters": iters,
                        "threads": threads})
     try:
-        proc = subprocess.run([sys.executable, "-m", "effx.bench", "cell", args], capture_output=True, text=True,
+        proc = subprocess.run([sys.executable, "-m", "effx.check.bench", "cell", args], capture_output=True, text=True,
                               preexec_fn=cap, timeout=timeout_s)
     except subprocess.TimeoutExpired:
         return {"status": "timeout", "detail": f"over {timeout_s:.0f} s"}
@@ -187,12 +189,6 @@ def run_cell(build_dir: Path, n: int, batch: int, warmup: int, iters: int, threa
 
 def _cell_main(args: dict) -> None:
     """Child side: load the build, run warm-up + timed inferences at (batch, n), print one JSON line."""
-    import numpy as np
-
-    from effx.manifest import Manifest
-    from effx.runners import open_runner
-    from effx.validate import PeakRss, percentiles
-
     folder = Path(args["build"])
     manifest = Manifest.read(folder)
     rng = np.random.default_rng(0)
@@ -209,8 +205,6 @@ def _cell_main(args: dict) -> None:
 
 
 def _max_rss_mb() -> float:
-    import resource
-
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
@@ -287,13 +281,9 @@ def _cell_text(c: dict | None, f: dict | None, is_full: bool) -> str:
 
 
 def write_plots(results: dict, out: Path) -> list[str]:
-    from effx._lazy import lazy_import
-
-    lazy_import("matplotlib", extra="plot", purpose="bench plots")
-    import matplotlib
-
+    matplotlib = lazy_import("matplotlib", extra="plot", purpose="bench plots")
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = lazy_import("matplotlib.pyplot", extra="plot", purpose="bench plots")
 
     cells = results["cells"]
     written = []
@@ -324,17 +314,12 @@ def write_plots(results: dict, out: Path) -> list[str]:
 
 
 def _environment() -> dict[str, Any]:
-    import onnxruntime
-
-    import effx
-    from effx.validate import _cpu_name
-
-    return {"platform": platform.platform(), "cpu": _cpu_name(), "cpu_count": os.cpu_count(),
+    return {"platform": platform.platform(), "cpu": cpu_name(), "cpu_count": os.cpu_count(),
             "python": platform.python_version(), "effx": effx.__version__, "onnxruntime": onnxruntime.__version__}
 
 
-if __name__ == "__main__":  # python -m effx.bench cell '{...}': one cell, in its own process
+if __name__ == "__main__":  # python -m effx.check.bench cell '{...}': one cell, in its own process
     if len(sys.argv) == 3 and sys.argv[1] == "cell":
         _cell_main(json.loads(sys.argv[2]))
     else:
-        sys.exit("usage: effx bench ... (python -m effx.bench cell JSON is internal)")
+        sys.exit("usage: effx bench ... (python -m effx.check.bench cell JSON is internal)")

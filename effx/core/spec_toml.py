@@ -7,8 +7,8 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from effx.registry import compatible_layouts
-from effx.spec import RunSpec
+from effx.core.registry import compatible_layouts
+from effx.core.spec import RunSpec
 
 
 def _value(v: Any) -> str:

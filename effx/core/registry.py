@@ -1,25 +1,22 @@
 """Registries of attention kinds and KV-cache layouts, and the compatibility they declare.
 
 Pure data (no torch import), so `effx models`, spec validation and the README matrices are cheap and are
-generated from here, never written by hand. The torch modules and ops that implement each entry are named
-by import path and loaded on first use.
+generated from here, never written by hand. Each entry names its pydantic spec class in effx.core.spec
+(which imports this module to check a RunSpec; `effx.core.spec.describe()` joins the two for `effx models`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from effx.errors import CompatibilityError
-
-if TYPE_CHECKING:
-    from effx.spec import RunSpec
+from effx.core.errors import CompatibilityError
 
 
 @dataclass(frozen=True)
 class AttentionEntry:
     kind: str
-    spec_class: str  # name in effx.spec
+    spec_class: str  # name in effx.core.spec
     summary: str
     families: tuple[str, ...]
     cache_layouts: tuple[str, ...]  # layouts a decoder may use with this kind ("none" always allowed)
@@ -124,7 +121,7 @@ def compatible_layouts(kind: str, family: str) -> tuple[str, ...]:
     return ("none",) + (entry.cache_layouts if family == "decoder" else ())
 
 
-def check_compatible(spec: RunSpec) -> None:
+def check_compatible(spec: Any) -> None:
     """Raise CompatibilityError (one line: why, and what to choose instead) for an impossible combination."""
     kind, family = spec.attention.kind, spec.model.family
     layout = spec.kv_cache.layout
@@ -144,7 +141,7 @@ def check_compatible(spec: RunSpec) -> None:
     _check_params(spec)
 
 
-def _check_params(spec: RunSpec) -> None:
+def _check_params(spec: Any) -> None:
     m, a, c = spec.model, spec.attention, spec.kv_cache
     if a.kind == "linformer" and a.k > m.max_seq_len:
         raise CompatibilityError(f"attention.k={a.k} exceeds model.max_seq_len={m.max_seq_len}; choose k <= max_seq_len")
@@ -169,36 +166,3 @@ def _check_params(spec: RunSpec) -> None:
             f"kv_cache.num_blocks={c.num_blocks} x block_size={c.block_size} holds fewer tokens than "
             f"model.max_seq_len={m.max_seq_len}; raise num_blocks"
         )
-
-
-def describe() -> dict[str, Any]:
-    """Everything `effx models --json` prints: kinds with parameters, layouts, and the compatibility matrix."""
-    from effx import spec as spec_module
-
-    def params(cls_name: str, skip: str) -> list[dict[str, Any]]:
-        cls = getattr(spec_module, cls_name)
-        out = []
-        for name, f in cls.model_fields.items():
-            if name == skip:
-                continue
-            ann = f.annotation
-            type_name = getattr(ann, "__name__", None) or str(ann).replace("typing.", "")
-            out.append({"name": name, "type": type_name, "default": f.get_default(call_default_factory=True),
-                        "help": f.description or ""})
-        return out
-
-    matrix = {}
-    for kind in ATTENTION:
-        matrix[kind] = {fam: list(compatible_layouts(kind, fam)) for fam in ("encoder", "decoder")}
-    return {
-        "attention": [
-            {"kind": e.kind, "summary": e.summary, "families": list(e.families), "onnx_op": e.onnx_op,
-             "params": params(e.spec_class, "kind")}
-            for e in ATTENTION.values()
-        ],
-        "kv_cache": [
-            {"layout": e.layout, "summary": e.summary, "grows": e.grows, "params": params(e.spec_class, "layout")}
-            for e in CACHES.values()
-        ],
-        "compatibility": matrix,
-    }

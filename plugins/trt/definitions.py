@@ -17,7 +17,7 @@ Rules of TensorRT 11.4's QDP implementation this module follows (read in tensorr
 * ONNX nodes select the plugin by op_type, `plugin_namespace` (or the node domain, TRT >= 10.10) and
   `plugin_version`; `aot=1` asks for the AOT implementation (no Python at run time).
 TensorRT engines are built on the device: `aot_impl` compiles for the GPU it runs on unless an arch is
-given, and pins the PTX ISA down (see effx.plugins.kernels._common.ptx_isa_for).
+given, and pins the PTX ISA down (see effx.plugins.trt.ptx.ptx_isa_for).
 """
 
 from __future__ import annotations
@@ -30,9 +30,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from effx._lazy import lazy_import
-from effx.errors import EffxError
+from effx.core.errors import EffxError
+from effx.core.lazy import lazy_import
 from effx.plugins.opspec import DOMAIN, OPS
+from effx.plugins.trt.ptx import compile_ptx
 
 PLUGIN_NAMESPACE = DOMAIN  # "effx"
 PLUGIN_VERSION = "1"
@@ -193,14 +194,15 @@ def kernel_signature(spec: PluginSpec, io_types: dict[str, str]) -> dict[str, st
 
 
 # -- registration ----------------------------------------------------------------------------------------
-_TRT_TYPES = {"FLOAT": "fp32", "HALF": "fp16", "BF16": "bf16", "INT64": "i64", "INT32": "i32"}
+# TensorRT dtype names -> Triton signature types
+TRT_TO_TRITON = {"FLOAT": "fp32", "HALF": "fp16", "BF16": "bf16", "INT64": "i64", "INT32": "i32"}
 
 
 def _triton_type(desc: Any) -> str:
     name = getattr(desc.dtype, "name", str(desc.dtype)).split(".")[-1]
-    if name not in _TRT_TYPES:
+    if name not in TRT_TO_TRITON:
         raise EffxError(f"effx plugins take FP32/FP16/BF16 and INT64 tensors, got {name}")
-    return _TRT_TYPES[name]
+    return TRT_TO_TRITON[name]
 
 
 def _constant(expr: Any, what: str, plugin: str) -> int:
@@ -240,9 +242,7 @@ def _launch(spec: PluginSpec, descs: dict[str, Any], attrs: dict[str, Any], tile
 @functools.cache
 def _compile(family: str, kernel: str, signature: tuple, constexprs: tuple, arch: int | None, num_warps: int,
              num_stages: int):
-    from effx.plugins.kernels import _common
-
-    return _common.compile_ptx(family, kernel, dict(signature), dict(constexprs), arch, num_warps, num_stages)
+    return compile_ptx(family, kernel, dict(signature), dict(constexprs), arch, num_warps, num_stages)
 
 
 def compile_fitting(spec: PluginSpec, kernel: str, candidates: list[Tiles], signature: dict[str, str],

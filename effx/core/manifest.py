@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from effx.errors import ArtifactError
+from effx.core.errors import ArtifactError
 
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -118,7 +118,7 @@ class Manifest(_Model):
     stage: Literal["onnx", "build"]
     family: Literal["encoder", "decoder"]
     versions: dict[str, str]  # effx, torch, onnx, onnxruntime ... that made the files
-    spec: dict[str, Any]  # the run spec (effx.spec.RunSpec as JSON)
+    spec: dict[str, Any]  # the run spec (effx.core.spec.RunSpec as JSON)
     opsets: dict[str, int]  # domain -> version; "" is ai.onnx
     ir_version: int
     custom_ops: list[CustomOp] = Field(default_factory=list)

@@ -5,17 +5,18 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-from effx.errors import MissingDependencyError
+from effx.core.errors import MissingDependencyError
 
+# top-level package -> the effx extra that installs it
 _EXTRA_FOR = {
     "tensorrt": "tensorrt",
-    "tensorrt.plugin": "tensorrt",
+    "modelopt": "tensorrt",
     "transformers": "hf",
+    "tokenizers": "hf",
     "matplotlib": "plot",
-    "matplotlib.pyplot": "plot",
     "onnxconverter_common": "quant",
     "triton": "triton",
-    "triton.language": "triton",
+    "ray": "cluster",
 }
 
 
@@ -24,7 +25,8 @@ def lazy_import(name: str, extra: str | None = None, purpose: str = "") -> Modul
     try:
         return importlib.import_module(name)
     except ImportError as exc:  # noqa: F841 - the reason is in the message
-        extra = extra or _EXTRA_FOR.get(name, name.split(".")[0])
+        root = name.split(".")[0]
+        extra = extra or _EXTRA_FOR.get(root, root)
         why = f" for {purpose}" if purpose else ""
         raise MissingDependencyError(
             f"{name} is not installed{why}: pip install 'effx[{extra}]' ({exc.__class__.__name__}: {exc})"

@@ -2,7 +2,7 @@
 
 Loaded from TOML (`RunSpec.from_toml`) and overridden by CLI flags (`RunSpec.with_overrides`). Every
 attention kind and cache layout is a registered pydantic model; which combinations work is declared in
-their registry entries (effx.registry) and checked here, so a bad run fails before any work starts.
+their registry entries (effx.core.registry) and checked here, so a bad run fails before any work starts.
 """
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ from typing import Annotated, Any, Literal
 import tomllib
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from effx.errors import CompatibilityError, SpecError
+from effx.core.errors import CompatibilityError, SpecError
+from effx.core.registry import ATTENTION, CACHES, check_compatible, compatible_layouts
 
 
 class _Spec(BaseModel):
@@ -213,8 +214,6 @@ class RunSpec(_Spec):
 
     @model_validator(mode="after")
     def _compatible(self) -> RunSpec:
-        from effx.registry import check_compatible
-
         check_compatible(self)
         return self
 
@@ -287,3 +286,35 @@ _TAGS = {
     "full", "linformer", "local", "block_sparse", "linear", "hierarchical",
     "none", "contiguous", "paged", "ring", "state", "multiscale",
 }
+
+
+def describe() -> dict[str, Any]:
+    """Everything `effx models --json` prints: kinds with parameters, layouts, and the compatibility matrix."""
+
+    def params(cls_name: str, skip: str) -> list[dict[str, Any]]:
+        cls = globals()[cls_name]
+        out = []
+        for name, f in cls.model_fields.items():
+            if name == skip:
+                continue
+            ann = f.annotation
+            type_name = getattr(ann, "__name__", None) or str(ann).replace("typing.", "")
+            out.append({"name": name, "type": type_name, "default": f.get_default(call_default_factory=True),
+                        "help": f.description or ""})
+        return out
+
+    matrix = {}
+    for kind in ATTENTION:
+        matrix[kind] = {fam: list(compatible_layouts(kind, fam)) for fam in ("encoder", "decoder")}
+    return {
+        "attention": [
+            {"kind": e.kind, "summary": e.summary, "families": list(e.families), "onnx_op": e.onnx_op,
+             "params": params(e.spec_class, "kind")}
+            for e in ATTENTION.values()
+        ],
+        "kv_cache": [
+            {"layout": e.layout, "summary": e.summary, "grows": e.grows, "params": params(e.spec_class, "layout")}
+            for e in CACHES.values()
+        ],
+        "compatibility": matrix,
+    }

@@ -1,4 +1,4 @@
-"""Rich tables for `effx models` (built from effx.registry.describe(), never by hand)."""
+"""Rich tables for `effx models` (built from effx.core.registry.describe(), never by hand)."""
 
 from __future__ import annotations
 

@@ -11,7 +11,11 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
+from rich.table import Table
+
+from effx.core.lazy import lazy_import
 
 REPORT_SCHEMA_VERSION = 1
 
@@ -186,9 +190,7 @@ def markdown(r: ValidationReport) -> str:
     return "\n".join(lines) + "\n"
 
 
-def rich_table(r: ValidationReport):
-    from rich.table import Table
-
+def rich_table(r: ValidationReport) -> Table:
     t = Table(title=f"effx validate {r.artifact}: {r.runner} vs {r.against} ({r.precision})")
     for col in ("batch x seq", "output", "max abs", "cosine", "over tol", "result"):
         t.add_column(col)
@@ -203,9 +205,7 @@ def rich_table(r: ValidationReport):
     return t
 
 
-def latency_table(r: ValidationReport):
-    from rich.table import Table
-
+def latency_table(r: ValidationReport) -> Table:
     t = Table(title="latency")
     for col in ("runner", "graph", "batch x seq", "p50 ms", "p90 ms", "p99 ms", "mean ms", "throughput"):
         t.add_column(col)
@@ -218,15 +218,9 @@ def latency_table(r: ValidationReport):
 def write_plots(folder: Path, errors: dict[str, Any], timings: dict[str, list[float]]) -> list[str]:
     """Error histograms (log10 |err| per output) and the latency distribution per runner/graph. Returns the
     files written, relative to `folder`."""
-    from effx._lazy import lazy_import
-
-    lazy_import("matplotlib", extra="plot", purpose="validation plots")
-    import matplotlib
-
+    matplotlib = lazy_import("matplotlib", extra="plot", purpose="validation plots")
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
+    plt = lazy_import("matplotlib.pyplot", extra="plot", purpose="validation plots")
     written = []
     plots = folder / "plots"
     plots.mkdir(exist_ok=True)

@@ -14,7 +14,8 @@ from typing import Any
 
 import typer
 
-from effx import spec as S
+from effx.core import spec as S
+from effx.core.errors import SpecError
 
 _ATTENTION = [S.FullAttentionSpec, S.LinformerSpec, S.LocalSpec, S.BlockSparseSpec, S.LinearSpec, S.HierarchicalSpec]
 _CACHES = [S.PagedCacheSpec, S.RingCacheSpec]  # the layouts with parameters
@@ -106,8 +107,6 @@ def spec_flags(fn: Callable[..., Any]) -> Callable[..., Any]:
         try:
             kwargs["overrides"] = overrides_from_flags(flag_values)
         except typer.BadParameter as exc:
-            from effx.errors import SpecError
-
             raise SpecError(str(exc)) from None
         return fn(**kwargs)
 

@@ -1,0 +1,293 @@
+"""`effx validate`: run a built artifact and the PyTorch reference on the same inputs and say how far apart
+they are, and where they part.
+
+1. Numerics per output (max abs / rel, mean, cosine, share over tolerance; tolerance by precision from
+   effx.core.tolerance); decoders are driven prefill + decode step by step through the host protocol
+   (effx.core.protocol; teacher-forced logits per step) and also generate greedily, comparing tokens.
+2. On failure, the first diverging block (effx.check.divergence).
+3. Latency (warm-up, then p50/p90/p99, mean, throughput) and peak memory of the runner and the reference,
+   with the environment they ran in (effx.check.measure).
+4. report.json (effx.check.report schema), report.md, PNG plots; exit code 1 on FAIL.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from effx.check.divergence import find_divergence
+from effx.check.measure import PeakRss, environment, measure
+from effx.check.reference import TorchRunner, load_reference
+from effx.check.report import (
+    CaseCheck,
+    DecodeCheck,
+    Latency,
+    Memory,
+    OutputCheck,
+    ValidationReport,
+    write_plots,
+    write_report,
+)
+from effx.core.atomic import atomic_dir
+from effx.core.errors import ArtifactError, SpecError, ValidationFailed
+from effx.core.lazy import has_module
+from effx.core.manifest import Manifest
+from effx.core.protocol import decode_loop, greedy
+from effx.core.runner import Runner
+from effx.core.tolerance import Tolerance, agreement, tolerance_for
+from effx.models.hf_import import import_hf
+from effx.targets.api import open_runner
+
+Say = Callable[[str], None]
+
+
+@dataclass
+class Case:
+    feed: dict[str, np.ndarray]  # input_ids (+ attention_mask for encoders)
+
+    @property
+    def batch(self) -> int:
+        return int(self.feed["input_ids"].shape[0])
+
+    @property
+    def seq(self) -> int:
+        return int(self.feed["input_ids"].shape[1])
+
+
+# --------------------------------------------------------------------------------------------------- inputs
+def make_cases(manifest: Manifest, inputs: str, seqs: list[int], batches: list[int], seed: int = 0) -> list[Case]:
+    spec = manifest.spec["model"]
+    encoder = manifest.family == "encoder"
+    if inputs != "random":
+        path = Path(inputs)
+        if not path.is_file():
+            raise SpecError(f"--inputs {inputs}: no such file; pass `random` or an .npz with input_ids (B, N)")
+        try:
+            data = np.load(path)
+            ids = np.asarray(data["input_ids"], np.int64)
+        except Exception as exc:
+            raise SpecError(f"--inputs {inputs}: cannot read input_ids from it ({exc.__class__.__name__}); "
+                            "write it with numpy.savez(path, input_ids=ids)") from None
+        if ids.ndim != 2 or ids.min() < 0 or ids.max() >= spec["vocab_size"]:
+            raise SpecError(f"--inputs {inputs}: input_ids must be (batch, seq) tokens in [0, {spec['vocab_size']})")
+        feed = {"input_ids": ids}
+        if encoder:
+            feed["attention_mask"] = np.asarray(data["attention_mask"], np.int64) if "attention_mask" in data \
+                else np.ones_like(ids)
+        return [Case(feed)]
+    cases = []
+    rng = np.random.default_rng(seed)
+    for batch in batches:
+        for seq in seqs:
+            if seq > spec["max_seq_len"] or seq < (1 if encoder else 2):
+                raise SpecError(f"--seq {seq} is outside 1..{spec['max_seq_len']} (model.max_seq_len)"
+                                + ("" if encoder else "; decoders need >= 2 (a prompt and a step)"))
+            ids = rng.integers(0, spec["vocab_size"], (batch, seq), dtype=np.int64)
+            feed = {"input_ids": ids}
+            if encoder:
+                mask = np.ones_like(ids)
+                if batch > 1 and seq > 2:
+                    mask[-1, seq - seq // 4:] = 0  # one padded row, so the mask path is checked too
+                feed["attention_mask"] = mask
+            cases.append(Case(feed))
+    return cases
+
+
+# ------------------------------------------------------------------------------------------------- numerics
+def _check(name: str, got: np.ndarray, ref: np.ndarray, tol: Tolerance) -> OutputCheck:
+    a = agreement(got, ref, tol)
+    return OutputCheck(name=name, shape=list(got.shape), **a.as_dict())
+
+
+def _encoder_case(runner: Runner, reference: TorchRunner, case: Case, tol: Tolerance, errors: dict) -> CaseCheck:
+    graph = runner.graphs[0]
+    feed = case.feed
+    got, ref = runner.infer(feed, graph), reference.infer(feed, graph)
+    checks = []
+    for name in reference.output_names(graph):
+        g, r = got[name], ref[name]
+        if "attention_mask" in feed and g.ndim == 3:  # padded positions carry no meaning: compare tokens only
+            keep = feed["attention_mask"].astype(bool)
+            g, r = g[keep], r[keep]
+        checks.append(_check(name, g, r, tol))
+        if g.shape == r.shape:
+            errors.setdefault(name, np.abs(g.astype(np.float64) - r))
+    return CaseCheck(batch=case.batch, seq=case.seq, outputs=checks, passed=all(c.passed for c in checks))
+
+
+def _decoder_case(runner: Runner, reference: TorchRunner, manifest: Manifest, case: Case, tol: Tolerance,
+                  steps: int, errors: dict) -> CaseCheck:
+    ids = case.feed["input_ids"]
+    n = ids.shape[1]
+    prompt = max(1, n // 2)
+    got = decode_loop(runner.infer, manifest, ids, prompt)
+    whole = reference.logits(ids)  # the model's own whole-sequence forward
+    got_all = np.concatenate(got, axis=1)
+    checks = [_check("logits (prefill)", got[0], whole[:, :prompt], tol)]
+    if n > prompt:
+        checks.append(_check("logits (decode steps)", got_all[:, prompt:], whole[:, prompt:], tol))
+    errors.setdefault("logits", np.abs(got_all.astype(np.float64) - whole))
+    starts = [0, *range(prompt, n)]  # each step's logits against the same positions of the whole forward
+    step_err = [float(np.abs(g - whole[:, t:t + g.shape[1]]).max()) for g, t in zip(got, starts, strict=True)]
+    max_len = manifest.spec["model"]["max_seq_len"]
+    n_new = max(1, min(steps, max_len - prompt))
+    tokens = greedy(runner.infer, manifest, ids[:, :prompt], n_new)
+    ref_tokens = greedy(reference.infer, manifest, ids[:, :prompt], n_new)
+    same = tokens == ref_tokens
+    first_miss = np.where(same.all(1), n_new, np.argmin(same, axis=1))
+    agreement_share = float(first_miss.mean() / n_new)
+    decode = DecodeCheck(prompt=prompt, steps=n - prompt, step_max_abs=step_err, greedy_steps=n_new,
+                         greedy_agreement=agreement_share, greedy_passed=agreement_share >= tol.min_greedy)
+    return CaseCheck(batch=case.batch, seq=n, outputs=checks, decode=decode,
+                     passed=all(c.passed for c in checks) and decode.greedy_passed)
+
+
+def _drift(model, cases: list[Case], manifest: Manifest, say: Say) -> list[OutputCheck]:
+    """For an imported model whose attention was swapped: how far the reference itself has moved from the
+    original (full-attention) model on the same inputs. Informational: swapped models need fine-tuning."""
+    origin = getattr(model, "origin", None)
+    if not origin or "hf" not in origin or manifest.spec["attention"]["kind"] == "full":
+        return []
+    say("drift from the original model")
+    spec = manifest.spec
+    original = import_hf(origin["hf"], {"model.max_seq_len": spec["model"]["max_seq_len"],
+                                        "kv_cache.layout": spec["kv_cache"]["layout"]})
+    fp32 = tolerance_for("fp32")
+    out = []
+    with torch.inference_mode():
+        for case in cases:
+            ids = torch.from_numpy(case.feed["input_ids"])
+            mask = case.feed.get("attention_mask")
+            mask_t = None if mask is None else torch.from_numpy(mask)
+            a, b = model(ids, mask_t).float().numpy(), original(ids, mask_t).float().numpy()
+            if mask is not None:
+                a, b = a[mask.astype(bool)], b[mask.astype(bool)]
+            name = "last_hidden_state" if manifest.family == "encoder" else "logits"
+            out.append(_check(f"{name} vs original (batch {case.batch} x seq {case.seq})", a, b, fp32))
+    return out
+
+
+# -------------------------------------------------------------------------------------------------- validate
+class ValidateOptions(BaseModel):
+    """What `effx validate` checks, and how (the CLI flags of the same names)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    against: str = Field("torch", description="reference to compare with (the PyTorch model)")
+    inputs: str = Field("random", description="random, or an .npz with input_ids (and attention_mask)")
+    seqs: list[int] | None = Field(None, description="sequence lengths of random inputs (default min(16, max))")
+    batches: list[int] | None = Field(None, description="batch sizes of random inputs (default 2)")
+    steps: int = Field(8, ge=1, description="decoders: greedy tokens to generate and compare")
+    warmup: int = Field(3, ge=0, description="latency: untimed runs first")
+    iters: int = Field(20, ge=1, description="latency: timed runs")
+    plots: bool = Field(True, description="write PNG plots")
+    provider: str | None = Field(None, description="ONNX Runtime execution provider: cpu or cuda")
+    bisect: bool = Field(True, description="on failure, locate the first diverging block")
+
+
+def validate(artifact: str | Path, options: ValidateOptions | None = None, *, reference: str | Path | None = None,
+             output: str | Path | None = None, progress: Say | None = None,
+             raise_on_fail: bool = True) -> ValidationReport:
+    """Validate the artifact folder (a build/ or an onnx/ folder) against PyTorch; writes report.json,
+    report.md and plots to `output` (default: `<artifact>.validate` beside it) and returns the report. Raises
+    ValidationFailed (exit code 1) after writing the report when it fails."""
+    opts = options or ValidateOptions()
+    say = progress or (lambda _m: None)
+    if opts.against != "torch":
+        raise SpecError(f"--against {opts.against}: effx validates against the PyTorch reference only (`torch`)")
+    folder = Path(artifact)
+    manifest = Manifest.read(folder)
+    manifest.verify_files(folder)
+    info = manifest.build
+    precision = info.precision if info else "fp32"
+    tol = tolerance_for(precision)
+    max_len = manifest.spec["model"]["max_seq_len"]
+    seqs = opts.seqs or [min(16, max_len)]
+    batches = opts.batches or [2]
+    cases = make_cases(manifest, opts.inputs, seqs, batches, seed=manifest.spec["model"]["seed"] + 1)
+    out_dir = Path(output) if output is not None else folder.parent / f"{folder.name}.validate"
+    if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / "report.json").is_file():
+        raise ArtifactError(f"{out_dir} exists and is not an effx report folder; choose another -o")
+
+    say("reference model")
+    with PeakRss() as ref_mem:
+        model, ref_info = load_reference(manifest, folder, reference)
+    runner = open_runner(folder, manifest, provider=opts.provider)
+    errors: dict[str, np.ndarray] = {}
+    samples: dict[str, list[float]] = {}
+    checks: list[CaseCheck] = []
+    divergence = None
+    latency: list[Latency] = []
+    with TorchRunner(model) as ref_runner:
+        # the reference is timed first, alone: ONNX Runtime's worker threads spin after each run and would
+        # slow PyTorch down if a session were alive
+        say("reference latency")
+        with PeakRss() as ref_run_mem:
+            latency += measure(ref_runner, manifest, cases[-1].feed, opts.warmup, opts.iters, samples)
+        with PeakRss() as run_mem, runner:
+            for case in cases:
+                say(f"numerics at batch {case.batch} x seq {case.seq}")
+                if manifest.family == "encoder" or "decode" not in runner.graphs:
+                    checks.append(_encoder_case(runner, ref_runner, case, tol, errors))
+                else:
+                    checks.append(_decoder_case(runner, ref_runner, manifest, case, tol, opts.steps, errors))
+            say("latency")
+            latency = measure(runner, manifest, cases[-1].feed, opts.warmup, opts.iters, samples) + latency
+        passed = all(c.passed for c in checks)
+        if not passed and opts.bisect:
+            bad = next(c for c, chk in zip(cases, checks, strict=True) if not chk.passed)
+            with runner:
+                divergence = find_divergence(runner, ref_runner, bad.feed, tol, say)
+        env = environment(runner, ref_runner)
+    drift = _drift(model, cases, manifest, say)
+    memory = [Memory(runner=runner.name, peak_mb=run_mem.peak_mb, method=PeakRss.method),
+              Memory(runner="torch (load)", peak_mb=ref_mem.peak_mb, method=PeakRss.method),
+              Memory(runner="torch (run)", peak_mb=ref_run_mem.peak_mb, method=PeakRss.method)]
+    spec = manifest.spec
+    report = ValidationReport(
+        output=str(out_dir),
+        created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), artifact=str(folder),
+        stage=manifest.stage, target=info.target if info else "onnx (ONNX Runtime CPU)",
+        backend=info.backend if info else "ort", precision=precision, family=manifest.family,
+        attention=spec["attention"]["kind"], kv_cache=spec["kv_cache"]["layout"], runner=runner.name,
+        against=opts.against, reference=ref_info,
+        inputs=opts.inputs if opts.inputs != "random" else f"random tokens, seq {seqs} x batch {batches}",
+        tolerance=tol.as_dict(), cases=checks, divergence=divergence, drift=drift, latency=latency, memory=memory,
+        environment=env, passed=passed,
+    )
+    with atomic_dir(out_dir, overwrite=True) as tmp:
+        if opts.plots:
+            say("plots")
+            if has_module("matplotlib"):
+                report.plots = write_plots(tmp, errors, samples)
+            else:
+                report.environment["plots"] = "skipped: pip install 'effx[plot]' (matplotlib)"
+        write_report(report, tmp)
+    if raise_on_fail:
+        check_passed(report, out_dir)
+    return report
+
+
+def check_passed(report: ValidationReport, out_dir: Path) -> None:
+    """Raise ValidationFailed (exit code 1) naming the first failing output and diverging layer."""
+    if not report.passed:
+        raise ValidationFailed(f"{report.artifact}: FAIL against PyTorch ({report.precision} tolerance): "
+                               f"{report.failure_summary()}; report: {Path(out_dir) / 'report.md'}")
+
+
+def parse_int_list(text: str, flag: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise SpecError(f"{flag} {text!r}: expected comma-separated integers, e.g. {flag} 128,512") from None
+    if not values or min(values) < 1:
+        raise SpecError(f"{flag} {text!r}: expected positive integers, e.g. {flag} 128,512")
+    return values
+
+

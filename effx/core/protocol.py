@@ -1,0 +1,118 @@
+"""The host side of a decoder's cache plan: the one driver of the decode protocol.
+
+A decoder exports as a prefill graph (a prompt on an empty cache) and a decode graph (new tokens against the
+cache). The manifest's `kv_cache` plan says which tensors carry the cache (`present.{i}.*` out, `past.{i}.*`
+in), which control inputs the host computes (`past_lengths`, and for paged caches `new_lengths` and the
+`block_table`) and how they start. `DecodeDriver` holds that state between steps and builds every feed;
+validate, calibration, bench, the tests and every runner drive decoders through it, and the C++ runner
+(runtimes/cpp/src/effx_run.cpp) implements the same steps. numpy only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+from effx.core.errors import EffxError
+from effx.core.manifest import CachePlan, Manifest
+
+Feed = dict[str, np.ndarray]
+Infer = Callable[[Feed, str], dict[str, np.ndarray]]
+
+
+def cache_feed(outs: dict[str, np.ndarray]) -> Feed:
+    """A step's present.* outputs renamed to the next step's past.* inputs."""
+    return {k.replace("present.", "past.", 1): v for k, v in outs.items() if k.startswith("present.")}
+
+
+def block_table_for(plan: CachePlan, batch: int, total: int) -> np.ndarray:
+    """A block table giving every sequence its own consecutive blocks, enough for `total` tokens."""
+    bs, num_blocks = int(plan.params["block_size"]), int(plan.params["num_blocks"])
+    max_blocks = next(c.shape[1] for c in plan.controls if c.name == "block_table")
+    need = -(-total // bs)
+    if need * batch > num_blocks:
+        raise EffxError(f"{batch} sequences of {total} tokens need {need * batch} paged blocks, the pool has "
+                        f"{num_blocks}; lower --batch/--seq or raise kv_cache.num_blocks")
+    table = np.zeros((batch, max_blocks), np.int64)
+    for b in range(batch):
+        table[b, :need] = np.arange(b * need, (b + 1) * need)
+    return table
+
+
+class DecodeDriver:
+    """State a host keeps between decoder steps: the cache tensors, the position of each sequence and, for
+    paged caches, the block table (allocated for `total` tokens per sequence unless one is given).
+
+        driver = DecodeDriver(manifest, batch=2, total=64)
+        outs = driver.prefill(runner.infer, prompt_ids)      # (B, P) -> logits (B, P, V)
+        outs = driver.step(runner.infer, next_ids)           # (B, 1) -> logits (B, 1, V)
+    """
+
+    def __init__(self, manifest: Manifest, batch: int, total: int, block_table: np.ndarray | None = None):
+        if manifest.kv_cache is None or "decode" not in manifest.graphs:
+            raise EffxError("this export has no decode graph (an encoder, or a decoder exported without a cache)")
+        self.plan = manifest.kv_cache
+        self.batch, self.total = batch, total
+        self.position = 0
+        self.cache: Feed = {}
+        self.block_table = block_table
+        if self.plan.layout == "paged" and block_table is None:
+            self.block_table = block_table_for(self.plan, batch, total)
+
+    # -- feeds ----------------------------------------------------------------------------------------
+    def prefill_feed(self, ids: np.ndarray) -> Feed:
+        """Inputs of the prefill graph for the prompt `ids` (B, P)."""
+        feed: Feed = {"input_ids": ids}
+        if self.plan.layout == "paged":  # the pool is the host's: the prefill graph writes into it
+            feed |= {"new_lengths": np.full(ids.shape[0], ids.shape[1], np.int64), "block_table": self.block_table}
+            feed |= {t.input: np.zeros(t.shape, np.float32) for t in self.plan.tensors}
+        return feed
+
+    def step_feed(self, ids: np.ndarray) -> Feed:
+        """Inputs of the decode graph for new tokens `ids` (B, S) after the tokens cached so far."""
+        feed = {"input_ids": ids, "past_lengths": np.full(ids.shape[0], self.position, np.int64)} | self.cache
+        if self.plan.layout == "paged":
+            feed |= {"new_lengths": np.full(ids.shape[0], ids.shape[1], np.int64), "block_table": self.block_table}
+        return feed
+
+    def advance(self, outs: dict[str, np.ndarray], new_tokens: int) -> None:
+        """Take a step's outputs as the cache for the next one."""
+        self.cache = cache_feed(outs)
+        self.position += new_tokens
+
+    # -- steps ----------------------------------------------------------------------------------------
+    def prefill(self, infer: Infer, ids: np.ndarray) -> dict[str, np.ndarray]:
+        outs = infer(self.prefill_feed(ids), "prefill")
+        self.advance(outs, ids.shape[1])
+        return outs
+
+    def step(self, infer: Infer, ids: np.ndarray) -> dict[str, np.ndarray]:
+        outs = infer(self.step_feed(ids), "decode")
+        self.advance(outs, ids.shape[1])
+        return outs
+
+
+def decode_loop(infer: Infer, manifest: Manifest, ids: np.ndarray, prompt: int,
+                block_table: np.ndarray | None = None) -> list[np.ndarray]:
+    """Teacher-forced decoding as a host does it: prefill `prompt` tokens, then feed the rest one by one.
+    Returns the logits of each step: [(B, prompt, V), (B, 1, V), ...]."""
+    batch, n = ids.shape
+    driver = DecodeDriver(manifest, batch, n, block_table)
+    logits = [driver.prefill(infer, ids[:, :prompt])["logits"]]
+    for t in range(prompt, n):
+        logits.append(driver.step(infer, ids[:, t:t + 1])["logits"])
+    return logits
+
+
+def greedy(infer: Infer, manifest: Manifest, prompt_ids: np.ndarray, steps: int) -> np.ndarray:
+    """Greedy generation of `steps` tokens after the prompt; returns (B, steps) token ids."""
+    driver = DecodeDriver(manifest, prompt_ids.shape[0], prompt_ids.shape[1] + steps)
+    outs = driver.prefill(infer, prompt_ids)
+    tokens = []
+    for t in range(steps):
+        nxt = outs["logits"][:, -1].argmax(-1).astype(np.int64)[:, None]  # (B, 1)
+        tokens.append(nxt)
+        if t + 1 < steps:
+            outs = driver.step(infer, nxt)
+    return np.concatenate(tokens, axis=1)
