@@ -279,15 +279,3 @@ def check_passed(report: ValidationReport, out_dir: Path) -> None:
     if not report.passed:
         raise ValidationFailed(f"{report.artifact}: FAIL against PyTorch ({report.precision} tolerance): "
                                f"{report.failure_summary()}; report: {Path(out_dir) / 'report.md'}")
-
-
-def parse_int_list(text: str, flag: str) -> list[int]:
-    try:
-        values = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise SpecError(f"{flag} {text!r}: expected comma-separated integers, e.g. {flag} 128,512") from None
-    if not values or min(values) < 1:
-        raise SpecError(f"{flag} {text!r}: expected positive integers, e.g. {flag} 128,512")
-    return values
-
-
