@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any, Optional
@@ -22,9 +23,10 @@ from effx.check.report import ValidationReport, latency_table, rich_table
 from effx.check.tables import compatibility_table, kinds_table, layouts_table, targets_rich_table
 from effx.core.atomic import atomic_write_text, check_output_dir
 from effx.core.errors import EffxError, OutputPathError, SpecError
+from effx.core.options import BuildOptions, ExportOptions
 from effx.core.spec import RunSpec, describe
 from effx.core.spec_toml import spec_to_commented_toml
-from effx.core.specflags import spec_flags
+from effx.core.specflags import spec_flags, stage_flags
 from effx.targets.precision import check_request
 from effx.targets.profiles import get_target, targets_table
 
@@ -90,26 +92,29 @@ def init(
 # --------------------------------------------------------------------------------------------------- run
 @app.command()
 @spec_flags
+@stage_flags(ExportOptions, BuildOptions)
 def run(
     spec_file: Optional[Path] = SpecArg,  # noqa: UP045 - typer reads this annotation at runtime
     output: Path = typer.Option(Path("effx-out"), "-o", "--output", help="output folder"),
-    target: str = typer.Option("cpu", "--target", "-t", help="target to build for (see `effx targets`)"),
-    precision: str = typer.Option("fp32", "--precision", help="fp32 | fp16 | bf16 | int8 | fp8 | int4w"),
-    opset: int = typer.Option(23, "--opset", help="ai.onnx opset of the export"),
     batch: int = typer.Option(2, "--batch", min=1, help="batch of the checks"),
     seq: int = typer.Option(16, "--seq", min=1, help="sequence length of the checks"),
     model_dir: Optional[str] = typer.Option(None, "--model", help="a model/ folder or hf:PATH instead of a seeded init"),  # noqa: UP045
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace an earlier `effx run` output"),
+    export_options: ExportOptions | None = None,
+    build_options: BuildOptions | None = None,
     overrides: dict | None = None,
 ) -> None:
     """The main job: model -> ONNX export -> build for the target -> validate against PyTorch (report/)."""
+    check_request(get_target(build_options.target), build_options.precision, build_options.dla_core)
+    check_output_dir(output, "run", overwrite)
+    spec = resolve_spec(spec_file, overrides or {}) if model_dir is None else None
     from effx import pipeline
 
-    check_request(get_target(target), precision)
     model = _load_or_build(spec_file, model_dir, overrides or {}) if model_dir is not None else None
-    spec = model.spec if model is not None else resolve_spec(spec_file, overrides or {})
     with _progress("run") as say:
-        result = pipeline.run_pipeline(spec, output, batch=batch, seq=seq, target=target, precision=precision,
-                                       opset=opset, progress=say, model=model)
+        result = pipeline.run_pipeline(model.spec if model is not None else spec, output, export=export_options,
+                                       build=build_options, batch=batch, seq=seq, overwrite=overwrite,
+                                       progress=say, model=model)
     if result.report is not None:
         print_report(result.report)
     typer.echo(result.summary())
@@ -127,7 +132,7 @@ def import_(
     """Import a Hugging Face BERT, RoBERTa, DistilBERT, GPT-2 or Llama folder; --attention swaps the attention."""
     from effx.models import hf_import
 
-    check_output_dir(output, overwrite)
+    check_output_dir(output, "import", overwrite)
     with _progress("import") as say:
         say(f"reading {path}")
         model = hf_import.import_to_folder(path, output, overrides=overrides or {}, overwrite=overwrite)
@@ -142,26 +147,23 @@ def import_(
 # ------------------------------------------------------------------------------------------------ export
 @app.command()
 @spec_flags
+@stage_flags(ExportOptions)
 def export(
     spec_file: Optional[Path] = SpecArg,  # noqa: UP045 - typer reads this annotation at runtime
     output: Path = typer.Option(..., "-o", "--output", help="output folder (written atomically)"),
     model_dir: Optional[str] = typer.Option(None, "--model", help="a model/ folder, or hf:PATH (a Hugging Face folder), instead of a seeded init"),  # noqa: UP045
-    opset: int = typer.Option(23, "--opset", help="ai.onnx opset (18-26); 23+ turns full attention into ONNX Attention"),
-    inline: bool = typer.Option(False, "--inline", help="plain ONNX: inline the effx functions, no custom domain"),
-    max_batch: int = typer.Option(8, "--max-batch", min=1, help="largest batch in the recorded shape ranges"),
-    trt_plugins: bool = typer.Option(False, "--trt-plugins", help="mark effx nodes for TensorRT's AOT plugins (aot=1)"),
-    overwrite: bool = typer.Option(False, "--overwrite", help="replace a non-empty output folder"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace an earlier `effx export` output"),
+    export_options: ExportOptions | None = None,
     overrides: dict | None = None,
 ) -> None:
     """Export to ONNX: one effx node (+ standard-ONNX function) per efficient-attention layer, and manifest.json."""
+    check_output_dir(output, "export", overwrite)
     from effx import exporter
 
-    exporter.check_opset(opset)
-    check_output_dir(output, overwrite)
     model = _load_or_build(spec_file, model_dir, overrides or {})
     with _progress("export") as say:
-        manifest = exporter.export_model(model, output, opset=opset, inline=inline, max_batch=max_batch,
-                                         overwrite=overwrite, progress=say, trt_plugins=trt_plugins)
+        manifest = exporter.export_model(model, output, **export_options.model_dump(), overwrite=overwrite,
+                                         progress=say)
     for name, g in manifest.graphs.items():
         typer.echo(f"wrote {output / g.file} ({name}: {', '.join(i.name for i in g.inputs[:4])}"
                    f"{', ...' if len(g.inputs) > 4 else ''} -> {', '.join(o.name for o in g.outputs[:3])}"
@@ -182,24 +184,21 @@ def targets(as_json: bool = typer.Option(False, "--json", help="machine-readable
 
 
 @app.command()
+@stage_flags(BuildOptions)
 def build(
     onnx_dir: Path = typer.Argument(..., help="folder written by `effx export` (or a device kit, on the device)"),
-    target: str = typer.Option("cpu", "--target", "-t", help="target name (see `effx targets`)"),
-    precision: str = typer.Option("fp32", "--precision", help="fp32 | fp16 | bf16 | int8 | fp8 | int4w"),
-    calib: str = typer.Option("random", "--calib", help="random | dynamic (ORT int8) | FILE.npz | token file"),
-    calib_samples: int = typer.Option(8, "--calib-samples", min=1, help="calibration batches"),
-    dla_core: Optional[int] = typer.Option(None, "--dla-core", help="run on this DLA core (GPU fallback on)"),  # noqa: UP045
     output: Path = typer.Option(..., "-o", "--output", help="build folder (written atomically)"),
-    overwrite: bool = typer.Option(False, "--overwrite", help="replace a non-empty output folder"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace an earlier `effx build` output"),
+    build_options: BuildOptions | None = None,
 ) -> None:
     """Build an exported model for a target: ONNX Runtime here, TensorRT engines (or a device kit) for GPUs."""
+    opts = build_options
+    check_request(get_target(opts.target), opts.precision, opts.dla_core)  # capability errors before any work
+    check_output_dir(output, "build", overwrite)
     from effx.targets import api
 
-    check_request(get_target(target), precision, dla_core)  # capability errors before any work
-    check_output_dir(output, overwrite)
     with _progress("build") as say:
-        manifest = api.build(onnx_dir, target=target, precision=precision, calib=calib, calib_samples=calib_samples,
-                             dla_core=dla_core, out_dir=output, overwrite=overwrite, progress=say)
+        manifest = api.build(onnx_dir, **opts.model_dump(), out_dir=output, overwrite=overwrite, progress=say)
     info = manifest.build
     for name, g in info.graphs.items():
         typer.echo(f"{name}: {output / g.file}")
@@ -221,6 +220,7 @@ def validate(
     steps: int = typer.Option(8, "--steps", min=1, help="decoders: greedy tokens to generate and compare"),
     reference: Optional[str] = typer.Option(None, "--reference", help="model/ folder (or hf:PATH) the export came from"),  # noqa: UP045
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="report folder (default ARTIFACT.validate)"),  # noqa: UP045
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace an earlier `effx validate` report there"),
     warmup: int = typer.Option(3, "--warmup", min=0, help="latency: untimed runs first"),
     iters: int = typer.Option(20, "--iters", min=1, help="latency: timed runs"),
     provider: Optional[str] = typer.Option(None, "--provider", help="ONNX Runtime: cpu (default) or cuda"),  # noqa: UP045
@@ -239,8 +239,8 @@ def validate(
                                     batches=parse_int_list(batch, "--batch"), steps=steps, warmup=warmup,
                                     iters=iters, plots=plots, provider=provider)
     with _progress("validate") as say:
-        report = check.validate(artifact, options, reference=reference, output=output, progress=say,
-                                raise_on_fail=False)
+        report = check.validate(artifact, options, reference=reference, output=output, overwrite=overwrite,
+                                progress=say, raise_on_fail=False)
     print_report(report)
     check.check_passed(report, Path(report.output))
 
@@ -310,7 +310,7 @@ def bundle(
 
     if fmt != "triton":
         raise SpecError(f"--format {fmt}: effx bundle writes `triton` (the build folder itself is the C++ bundle)")
-    check_output_dir(output, overwrite)
+    check_output_dir(output, "bundle", overwrite)
     names = bundles.write_triton_repo(build_dir, output, name=name, overwrite=overwrite)
     typer.echo(f"wrote {output}: " + ", ".join(f"{n}/config.pbtxt" for n in names))
 
@@ -348,24 +348,40 @@ def parse_int_list(text: str, flag: str) -> list[int]:
 
 
 def main() -> None:
+    """Every failure ends as one line on stderr: `effx: error: ...` with exit code 2 for bad input, 1 for a
+    failed validation or build step; `--debug` (or EFFX_DEBUG=1) shows the traceback instead."""
     try:
         app(standalone_mode=False)
     except EffxError as exc:
-        if _state["debug"]:
+        if _debug():
             raise
-        typer.echo(f"effx: error: {exc}", err=True)
-        sys.exit(exc.exit_code)
+        _fail(str(exc), exc.exit_code)
     except KeyboardInterrupt:
         typer.echo("effx: interrupted; partial output was removed", err=True)
         sys.exit(130)
     except Exception as exc:
-        # usage errors of the (vendored) click inside typer: they know how to show themselves
-        code = getattr(exc, "exit_code", None)
-        if code is not None and callable(getattr(exc, "show", None)):
-            exc.show()
-            sys.exit(code)
-        if type(exc).__name__ == "Exit":
-            sys.exit(code or 0)
-        if type(exc).__name__ == "Abort":
-            sys.exit(1)
-        raise
+        # typer's own (vendored click) exceptions are told apart by name: Exit (--help), Abort, and the usage
+        # errors (unknown option, bad value, missing argument), which carry format_message and exit_code
+        kind = type(exc).__name__
+        if kind == "Exit":
+            sys.exit(getattr(exc, "exit_code", 0))
+        if kind == "Abort":
+            _fail("aborted", 1)
+        if callable(getattr(exc, "format_message", None)) and isinstance(getattr(exc, "exit_code", None), int):
+            ctx = getattr(exc, "ctx", None)
+            where = f" (see `{ctx.command_path} --help`)" if ctx is not None else " (see `effx --help`)"
+            _fail(exc.format_message().replace("\n", " ") + where, exc.exit_code)
+        if _debug():
+            raise
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        _fail(f"unexpected {kind}: {first[:300]}; rerun with --debug for the traceback and report it with the "
+              "command", 1)
+
+
+def _debug() -> bool:
+    return _state["debug"] or os.environ.get("EFFX_DEBUG") == "1"
+
+
+def _fail(message: str, code: int) -> None:
+    typer.echo(f"effx: error: {message.strip()}", err=True)
+    sys.exit(code)

@@ -14,13 +14,14 @@ import torch
 
 from effx.check.report import ValidationReport
 from effx.check.validate import ValidateOptions, validate
-from effx.core.atomic import atomic_dir
+from effx.core.atomic import atomic_dir, check_output_dir
 from effx.core.errors import ValidationFailed
+from effx.core.options import BuildOptions, ExportOptions
 from effx.core.spec import RunSpec
 from effx.core.spec_toml import spec_to_commented_toml
-from effx.exporter import check_opset, export_model
+from effx.exporter import export_model
 from effx.models import build_model, save_model
-from effx.targets.api import build
+from effx.targets.api import build as build_folder
 from effx.targets.precision import check_request
 from effx.targets.profiles import get_target
 
@@ -61,33 +62,37 @@ def forward_check(model, batch: int, seq: int, seed: int = 0) -> dict[str, Any]:
     return info
 
 
-def run_pipeline(spec: RunSpec, output: Path, batch: int = 2, seq: int = 16, console=None, overwrite: bool = True,
-                 target: str = "cpu", precision: str = "fp32", opset: int = 23,
+def run_pipeline(spec: RunSpec, output: str | Path, export: ExportOptions | None = None,
+                 build: BuildOptions | None = None, batch: int = 2, seq: int = 16, overwrite: bool = False,
                  progress: Callable[[str], None] | None = None, model=None) -> PipelineResult:
-    """model/ -> onnx/ -> build/<target>/ and a check of the build against PyTorch. Raises ValidationFailed
-    (exit code 1) when the build disagrees beyond the precision's tolerance; the folders stay for inspection."""
+    """model/ -> onnx/ -> build/<target>/ and a check of the build against PyTorch (report/). `model` is the
+    imported or loaded model to use instead of the spec's seeded initialisation. Refuses before any work what
+    cannot work; raises ValidationFailed (exit code 1) when the build disagrees beyond the precision's
+    tolerance (the folders stay for inspection)."""
     say = progress or (lambda _m: None)
-    check_opset(opset)
-    profile = get_target(target)
-    check_request(profile, precision)
+    export, build = export or ExportOptions(), build or BuildOptions()
+    profile = get_target(build.target)
+    check_request(profile, build.precision, build.dla_core)
     output = Path(output)
+    check_output_dir(output, "run", overwrite)
     result = PipelineResult(output)
-    with atomic_dir(output, overwrite=overwrite) as tmp:
+    with atomic_dir(output, "run", overwrite=overwrite) as tmp:
         say("model")
-        model = model if model is not None else build_model(spec)  # given: imported or loaded weights
+        model = model if model is not None else build_model(spec)
         save_model(model, tmp / "model")
         (tmp / "spec.toml").write_text(spec_to_commented_toml(spec))
         result.stages["model"] = {"attention": spec.attention.kind, "family": spec.model.family,
                                   "parameters": sum(p.numel() for p in model.parameters())}
         result.stages["forward"] = forward_check(model, batch, seq, seed=spec.model.seed)
         say("export")
-        manifest = export_model(model, tmp / "onnx", opset=opset, progress=say)
+        manifest = export_model(model, tmp / "onnx", **export.model_dump(), progress=say)
         result.stages["export"] = {"graphs": ", ".join(g.file for g in manifest.graphs.values()),
                                    "custom_ops": ", ".join(f"{c.count}x {c.op_type}" for c in manifest.custom_ops) or "none"}
         say(f"build {profile.name}")
-        built = build(tmp / "onnx", profile.name, precision, out_dir=tmp / "build" / profile.name, progress=say)
-        result.stages["build"] = {"target": profile.name, "engine_built": built.build.engine_built,
-                                  "folder": f"build/{profile.name}/"}
+        built = build_folder(tmp / "onnx", **(build.model_dump() | {"target": profile.name}),
+                             out_dir=tmp / "build" / profile.name, progress=say)
+        result.stages["build"] = {"target": profile.name, "precision": build.precision,
+                                  "engine_built": built.build.engine_built, "folder": f"build/{profile.name}/"}
     if built.build.engine_built:  # validated in place, after the rename: the report names the final folders
         check_seq = min(max(seq, 2 if spec.model.family == "decoder" else 1), spec.model.max_seq_len)
         report = validate(output / "build" / profile.name, ValidateOptions(seqs=[check_seq], batches=[batch], iters=10),
@@ -98,6 +103,6 @@ def run_pipeline(spec: RunSpec, output: Path, batch: int = 2, seq: int = 16, con
     else:
         result.stages["validate"] = {"skipped": built.build.reason}
     if not result.passed:
-        raise ValidationFailed(f"{output}/build/{target} disagrees with PyTorch beyond the {precision} tolerance "
-                               f"({result.report.failure_summary()}); see {output / 'report'}/report.md")
+        raise ValidationFailed(f"{output}/build/{profile.name} disagrees with PyTorch beyond the {build.precision} "
+                               f"tolerance ({result.report.failure_summary()}); see {output / 'report'}/report.md")
     return result

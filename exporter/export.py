@@ -13,26 +13,16 @@ import torch
 
 import effx
 from effx.core.atomic import atomic_dir
-from effx.core.errors import SpecError
 from effx.core.manifest import CustomOp, DimRange, GraphSpec, Manifest, TensorSpec
+from effx.core.options import DEFAULT_OPSET, check_opset
 from effx.exporter import onnx_export as ox
 from effx.exporter.cache_plan import cache_plan
 from effx.exporter.graphs import plan_graphs
 from effx.models.transformer import EffxModel, weights_digest
 from effx.plugins.opspec import DOMAIN
 
-DEFAULT_OPSET = 23
-
 _DTYPES = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "float16", onnx.TensorProto.BFLOAT16: "bfloat16",
            onnx.TensorProto.INT64: "int64", onnx.TensorProto.INT32: "int32", onnx.TensorProto.BOOL: "bool"}
-
-
-def check_opset(opset: int) -> None:
-    if not ox.MIN_OPSET <= opset <= ox.MAX_OPSET:
-        raise SpecError(
-            f"--opset {opset} is out of range: effx function bodies need ai.onnx >= {ox.MIN_OPSET} and ONNX Runtime "
-            f"1.31 runs <= {ox.MAX_OPSET}; full attention becomes the ONNX Attention op from {ox.ATTENTION_OPSET}"
-        )
 
 
 def export_model(
@@ -47,7 +37,7 @@ def export_model(
     plans = plan_graphs(model.eval(), max_batch=max_batch)
     graphs: dict[str, GraphSpec] = {}
     counts: Counter = Counter()
-    with atomic_dir(Path(out_dir), overwrite=overwrite) as tmp, torch.no_grad():
+    with atomic_dir(Path(out_dir), "export", overwrite=overwrite) as tmp, torch.no_grad():
         for plan in plans:
             say(f"exporting {plan.name}.onnx")
             proto = ox.export_graph(plan, opset)

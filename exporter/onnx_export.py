@@ -15,6 +15,7 @@ import onnx.inliner
 import torch
 
 from effx.core.errors import EffxError
+from effx.core.options import ATTENTION_OPSET
 from effx.exporter.graphs import GraphPlan
 from effx.models.attention import attention_impl_override
 from effx.plugins import OPS
@@ -22,9 +23,6 @@ from effx.plugins.onnx_body import Body, make_function
 from effx.plugins.opspec import DOMAIN
 from effx.plugins.trt import PLUGIN_SPECS, node_attributes
 
-MIN_OPSET = 18  # function bodies use ReduceMean/ReduceMax with axes inputs (opset 18)
-MAX_OPSET = 26  # the newest ai.onnx opset ONNX Runtime 1.31 runs
-ATTENTION_OPSET = 23  # ONNX Attention
 IR_VERSION = 10  # what torch writes; ONNX Runtime 1.31 reads <= 13
 TWO_GB = 2**31
 
@@ -52,8 +50,8 @@ def stamp_plugin_nodes(model: onnx.ModelProto) -> int:
         for key, value in node_attributes().items():
             if not any(a.name == key for a in node.attribute):
                 node.attribute.append(onnx.helper.make_attribute(key, value))
-        if node.op_type in ("LinearAttention", "LinearAttentionState"):
-            want = 5 if node.op_type == "LinearAttention" else 6
+        if node.op_type in ("NormalizedLinearAttention", "NormalizedLinearAttentionState"):
+            want = 5 if node.op_type == "NormalizedLinearAttention" else 6
             if len(node.input) < want or not node.input[want - 1]:
                 head_dim = _head_dim(model, node.input[0])
                 name = "effx.omega_placeholder"
@@ -118,6 +116,8 @@ def _quiet_exporter():
 def attach_functions(model: onnx.ModelProto, opset: int) -> None:
     """Add one model-local function per effx op used, built for this model's ai.onnx opset."""
     nodes = [n for n in _all_nodes(model.graph) if n.domain == DOMAIN]
+    for node in nodes:  # omitted optional inputs as "": a function call passes every declared input
+        node.input.extend([""] * (len(OPS[node.op_type].inputs) - len(node.input)))
     for op_type in sorted({n.op_type for n in nodes}):
         spec = OPS[op_type]
         static = {}

@@ -408,7 +408,7 @@ def import_to_folder(path: str | Path, out: str | Path, overrides: dict[str, Any
     """`effx import`: import the Hugging Face folder `path` and save it as an effx model folder at `out`
     (written atomically); returns the model."""
     model = import_hf(path, overrides)
-    with atomic_dir(Path(out), overwrite=overwrite) as tmp:
+    with atomic_dir(Path(out), "import", overwrite=overwrite) as tmp:
         save_model(model, tmp)
     return model
 

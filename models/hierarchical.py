@@ -23,8 +23,12 @@ from effx.plugins.hourglass import hourglass_attention, pool_groups
 
 
 def hourglass_schedule(n_layers: int, factors: list[int]) -> list[int]:
-    """Shorten factor of each layer: levels down and back up (1, 4, 16, 4, 1), extra layers to the middle."""
+    """Shorten factor of each layer: levels down and back up (1, 4, 16, 4, 1), extra layers to the middle.
+    With fewer layers than levels the way back up is cut short (2 layers, [1, 2]: 1, 2): every level going
+    down keeps its layer, so the model still starts at full resolution."""
     levels = factors + factors[-2::-1]
+    if n_layers < len(levels):
+        return levels[:n_layers]
     sizes = [n_layers // len(levels)] * len(levels)
     middle = len(levels) // 2
     for i in range(n_layers % len(levels)):

@@ -1,4 +1,6 @@
-"""effx::LinearAttention and effx::LinearAttentionState: kernelised attention with a feature map phi.
+"""effx::NormalizedLinearAttention and effx::NormalizedLinearAttentionState: kernelised attention with a feature
+map phi, normalised by phi(Q) sum phi(K) (ONNX's own LinearAttention, opset 27, has no normaliser: hence the name,
+which also keeps runtimes that check a node against the standard op of the same name from confusing the two).
 
 Non-causal (Katharopoulos et al. 2020, eq. 5):  V'_i = phi(Q_i)^T (sum_j phi(K_j) V_j^T) / (phi(Q_i)^T sum_j phi(K_j) + eps)
 Causal, from a recurrent state (eq. 16-20):     S_i = S_{i-1} + phi(K_i) V_i^T,  z_i = z_{i-1} + phi(K_i)
@@ -129,8 +131,8 @@ def _state_body(b, static):
     phi_q = b.feature_map("q", kind, is_query=True)  # (B,H,N,m)
     phi_k = b.feature_map("k", kind, is_query=False)  # (B,H_kv,N,m)
     outer = b.op("Mul", b.op("Unsqueeze", phi_k, b.ints(-1)), b.op("Unsqueeze", "v", b.ints(-2)))  # (B,H_kv,N,m,D)
-    s = b.op("Add", b.op("Unsqueeze", "s0", b.ints(2)), b.op("CumSum", outer, b.ints(2)))  # S_i
-    z = b.op("Add", b.op("Unsqueeze", "z0", b.ints(2)), b.op("CumSum", phi_k, b.ints(2)))  # z_i (B,H_kv,N,m)
+    s = b.op("Add", b.op("Unsqueeze", "s0", b.ints(2)), b.op("CumSum", outer, b.scalar(2)))  # S_i
+    z = b.op("Add", b.op("Unsqueeze", "z0", b.ints(2)), b.op("CumSum", phi_k, b.scalar(2)))  # z_i (B,H_kv,N,m)
     # expand the per-KV-head prefix states to the query heads (flatten m x D to reuse the 4-D expansion)
     flat = b.op("Reshape", s, b.op("Concat", b.op("Shape", s, end=3), b.ints(-1), axis=0))
     s_q = b.op("Reshape", b.expand_kv(flat, "q"),
@@ -147,16 +149,16 @@ def _state_body(b, static):
 
 
 def _translation(q, k, v, k_valid, omega, feature_map_kind: str, eps: float):
-    return node_op("LinearAttention")(q, k, v, k_valid, omega, feature_map=feature_map_kind, eps=eps)
+    return node_op("NormalizedLinearAttention")(q, k, v, k_valid, omega, feature_map=feature_map_kind, eps=eps)
 
 
 def _state_translation(q, k, v, s0, z0, omega, feature_map_kind: str, eps: float):
-    return node_op("LinearAttentionState")(q, k, v, s0, z0, omega, feature_map=feature_map_kind, eps=eps)
+    return node_op("NormalizedLinearAttentionState")(q, k, v, s0, z0, omega, feature_map=feature_map_kind, eps=eps)
 
 
 SPEC = register_op(
     OpSpec(
-        name="LinearAttention",
+        name="NormalizedLinearAttention",
         torch_op=linear_attention,
         inputs=("q", "k", "v", "k_valid?", "omega?"),
         outputs=("y",),
@@ -171,7 +173,7 @@ SPEC = register_op(
 )
 STATE_SPEC = register_op(
     OpSpec(
-        name="LinearAttentionState",
+        name="NormalizedLinearAttentionState",
         torch_op=linear_attention_state,
         inputs=("q", "k", "v", "s0", "z0", "omega?"),
         outputs=("y", "s", "z"),

@@ -140,15 +140,17 @@ class Body:
 
 
 # Attributes TensorRT's ONNX parser reads on a plugin node (namespace, version, AOT); declared on every
-# function so a node that carries them still runs from its function body in ONNX Runtime.
-PLUGIN_NODE_ATTRIBUTES = ("plugin_namespace", "plugin_version", "aot")
+# function, with defaults, so a node may carry them or not and still runs from its function body in any ONNX
+# runtime (onnx's reference evaluator insists that a declared attribute without a default is on the node).
+PLUGIN_NODE_ATTRIBUTES = {"plugin_namespace": DOMAIN, "plugin_version": "1", "aot": 0}
 
 
 def make_function(spec: OpSpec, opset: int, body: Body, inputs: list[str], outputs: list[str]) -> onnx.FunctionProto:
     return helper.make_function(
         DOMAIN, spec.name, inputs, outputs, body.nodes,
         opset_imports=[helper.make_opsetid("", opset)],
-        attributes=list(spec.attributes) + list(PLUGIN_NODE_ATTRIBUTES),
+        attributes=list(spec.attributes),
+        attribute_protos=[helper.make_attribute(k, v) for k, v in PLUGIN_NODE_ATTRIBUTES.items()],
     )
 
 

@@ -7,7 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
-from effx.core.atomic import atomic_dir
+from effx.core.atomic import atomic_dir, check_output_dir
 from effx.core.errors import ArtifactError
 from effx.core.manifest import Manifest
 from effx.core.runner import Runner
@@ -33,6 +33,7 @@ def build(onnx_dir: str | Path, target: str = "cpu", precision: str = "fp32", ca
     say = progress or (lambda _m: None)
     profile = get_target(target)
     check_request(profile, precision, dla_core)
+    check_output_dir(Path(out_dir), "build", overwrite)
     src = Path(onnx_dir)
     manifest = Manifest.read(src)
     kit = manifest.stage == "build" and manifest.build is not None and not manifest.build.engine_built
@@ -44,7 +45,7 @@ def build(onnx_dir: str | Path, target: str = "cpu", precision: str = "fp32", ca
                                                "files": {k: v for k, v in manifest.files.items()
                                                          if k.endswith(".onnx") or k.endswith(".onnx.data")}})
     manifest.verify_files(src)
-    with atomic_dir(Path(out_dir), overwrite=overwrite) as tmp:
+    with atomic_dir(Path(out_dir), "build", overwrite=overwrite) as tmp:
         info = BACKENDS[profile.backend].build_target(src, manifest, profile, precision, calib, calib_samples, dla_core,
                                                tmp, say)
         built = manifest.model_copy(update={"stage": "build", "build": info})

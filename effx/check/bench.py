@@ -29,7 +29,8 @@ import onnxruntime
 
 import effx
 from effx.check.measure import PeakRss, cpu_name, percentiles
-from effx.core.errors import SpecError
+from effx.core.atomic import check_output_dir, write_marker
+from effx.core.errors import ArtifactError, SpecError
 from effx.core.lazy import has_module, lazy_import
 from effx.core.manifest import Manifest
 from effx.core.spec import RunSpec
@@ -99,9 +100,10 @@ def bench(kinds: list[str], seqs: list[int], batches: list[int] | None = None, t
               "family": "encoder", "params": params, "warmup": warmup, "iters": iters, "threads": threads,
               "mem_limit_mb": mem_limit_mb}
     out = Path(output)
-    out.mkdir(parents=True, exist_ok=True)
+    check_output_dir(out, "bench", overwrite=fresh, resumable=True)  # before any work
     results_path = out / "bench.json"
     results = _load_previous(results_path, config, fresh)
+    out.mkdir(parents=True, exist_ok=True)
     done = {(c["kind"], c["seq"], c["batch"]) for c in results["cells"]}
     todo = [(k, n, b) for k in kinds for n in seqs for b in batches if (k, n, b) not in done]
     tick = on_cell or (lambda _done, _total: None)
@@ -142,7 +144,13 @@ def _default_limit_mb() -> int:
 
 def _load_previous(path: Path, config: dict, fresh: bool) -> dict:
     if path.is_file() and not fresh:
-        previous = json.loads(path.read_text())
+        try:
+            previous = json.loads(path.read_text())
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise ArtifactError(f"{path}: not valid JSON ({exc}); pass --fresh to start over or choose another -o") \
+                from None
+        if not isinstance(previous, dict) or not isinstance(previous.get("cells"), list):
+            raise ArtifactError(f"{path}: not an effx bench.json (no cells); pass --fresh or choose another -o")
         if previous.get("schema_version") == BENCH_SCHEMA_VERSION and previous.get("config") == config:
             return previous
         raise SpecError(f"{path} holds a sweep with other settings; pass --fresh to start over or choose another -o")
@@ -151,9 +159,11 @@ def _load_previous(path: Path, config: dict, fresh: bool) -> dict:
 
 
 def _write_json(path: Path, data: dict) -> None:
+    """Write atomically, then mark the folder as this sweep's (listing what is in it now)."""
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(data, indent=2) + "\n")
     tmp.replace(path)
+    write_marker(path.parent, "bench")
 
 
 def _build(spec, folder: Path, target: str, precision: str) -> Path:

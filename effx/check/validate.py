@@ -34,8 +34,8 @@ from effx.check.report import (
     write_plots,
     write_report,
 )
-from effx.core.atomic import atomic_dir
-from effx.core.errors import ArtifactError, SpecError, ValidationFailed
+from effx.core.atomic import atomic_dir, check_output_dir
+from effx.core.errors import SpecError, ValidationFailed
 from effx.core.lazy import has_module
 from effx.core.manifest import Manifest
 from effx.core.protocol import decode_loop, greedy
@@ -192,11 +192,12 @@ class ValidateOptions(BaseModel):
 
 
 def validate(artifact: str | Path, options: ValidateOptions | None = None, *, reference: str | Path | None = None,
-             output: str | Path | None = None, progress: Say | None = None,
+             output: str | Path | None = None, overwrite: bool = False, progress: Say | None = None,
              raise_on_fail: bool = True) -> ValidationReport:
     """Validate the artifact folder (a build/ or an onnx/ folder) against PyTorch; writes report.json,
-    report.md and plots to `output` (default: `<artifact>.validate` beside it) and returns the report. Raises
-    ValidationFailed (exit code 1) after writing the report when it fails."""
+    report.md and plots to `output` (default: `<artifact>.validate` beside it; `overwrite` replaces an earlier
+    report there) and returns the report. Raises ValidationFailed (exit code 1) after writing the report when
+    it fails."""
     opts = options or ValidateOptions()
     say = progress or (lambda _m: None)
     if opts.against != "torch":
@@ -212,8 +213,7 @@ def validate(artifact: str | Path, options: ValidateOptions | None = None, *, re
     batches = opts.batches or [2]
     cases = make_cases(manifest, opts.inputs, seqs, batches, seed=manifest.spec["model"]["seed"] + 1)
     out_dir = Path(output) if output is not None else folder.parent / f"{folder.name}.validate"
-    if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / "report.json").is_file():
-        raise ArtifactError(f"{out_dir} exists and is not an effx report folder; choose another -o")
+    check_output_dir(out_dir, "validate", overwrite)
 
     say("reference model")
     with PeakRss() as ref_mem:
@@ -261,7 +261,7 @@ def validate(artifact: str | Path, options: ValidateOptions | None = None, *, re
         tolerance=tol.as_dict(), cases=checks, divergence=divergence, drift=drift, latency=latency, memory=memory,
         environment=env, passed=passed,
     )
-    with atomic_dir(out_dir, overwrite=True) as tmp:
+    with atomic_dir(out_dir, "validate", overwrite=overwrite) as tmp:
         if opts.plots:
             say("plots")
             if has_module("matplotlib"):

@@ -33,6 +33,12 @@ class CapabilityError(EffxError):
     """A target cannot honour the request (fp8 on Orin, DLA on Thor, ...)."""
 
 
+class StepFailed(EffxError):
+    """A step effx runs failed on valid input (a tool it calls exited with an error)."""
+
+    exit_code = 1
+
+
 class ValidationFailed(EffxError):
     """An artifact disagrees with the PyTorch reference beyond tolerance."""
 

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+import onnx
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from effx.core.errors import ArtifactError
 
@@ -25,6 +26,15 @@ Dim = int | str  # a fixed size, or the name of a symbolic dimension ("batch", "
 
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+def inside_folder(path: str, what: str = "path") -> str:
+    """`path` if it names a file inside the artifact folder (relative, no `..`); an artifact folder is
+    self-contained, so anything else is refused before a file is read."""
+    pure = PurePosixPath(path.replace("\\", "/"))
+    if not path or pure.is_absolute() or ".." in pure.parts or (len(path) > 1 and path[1] == ":"):
+        raise ValueError(f"{what} {path!r} is not a path inside the folder (absolute, or escaping it with '..')")
+    return path
 
 
 class TensorSpec(_Model):
@@ -51,6 +61,11 @@ class GraphSpec(_Model):
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
     dims: dict[str, DimRange] = Field(default_factory=dict)
+
+    @field_validator("file")
+    @classmethod
+    def _inside(cls, value: str) -> str:
+        return inside_folder(value, "graph file")
 
 
 class CacheTensor(_Model):
@@ -128,6 +143,13 @@ class Manifest(_Model):
     weights: dict[str, Any] | None = None  # sha256 of the state dict the graphs were exported from, and its source
     files: dict[str, FileEntry] = Field(default_factory=dict)
 
+    @field_validator("files")
+    @classmethod
+    def _files_inside(cls, value: dict[str, FileEntry]) -> dict[str, FileEntry]:
+        for name in value:
+            inside_folder(name, "file")
+        return value
+
     # -- io -------------------------------------------------------------------------------------------
     def write(self, folder: Path) -> Path:
         path = Path(folder) / MANIFEST_NAME
@@ -143,12 +165,18 @@ class Manifest(_Model):
             data = json.loads(path.read_text())
         except json.JSONDecodeError as exc:
             raise ArtifactError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno}); re-run the stage that wrote it") from None
-        version = data.get("schema_version")
+        version = data.get("schema_version") if isinstance(data, dict) else None
         if version != SCHEMA_VERSION:
             raise ArtifactError(
                 f"{path}: manifest schema_version {version}, this effx reads {SCHEMA_VERSION}; re-run the stage with this effx"
             )
-        return cls.model_validate(data)
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            where = ".".join(str(p) for p in err["loc"]) or "manifest"
+            raise ArtifactError(f"{path}: {where}: {err['msg'].removeprefix('Value error, ')}; re-run the stage "
+                                "that wrote it") from None
 
     def hash_files(self, folder: Path, names: list[str] | None = None) -> None:
         """Record sha256 and size of every file in `folder` (except the manifest itself)."""
@@ -161,13 +189,40 @@ class Manifest(_Model):
         }
 
     def verify_files(self, folder: Path) -> None:
-        """Raise ArtifactError if a listed file is missing or its content changed."""
+        """Raise ArtifactError if a listed file is missing, its content changed, or an ONNX graph reads
+        external data from outside the folder."""
         for name, entry in self.files.items():
             p = Path(folder) / name
             if not p.is_file():
                 raise ArtifactError(f"{p}: listed in {MANIFEST_NAME} but missing; re-run the stage that wrote {folder}")
             if sha256_file(p) != entry.sha256:
                 raise ArtifactError(f"{p}: sha256 differs from {MANIFEST_NAME}; the file was changed after it was written")
+        for name in self.files:
+            if name.endswith(".onnx"):
+                check_external_data(Path(folder) / name)
+
+
+def check_external_data(path: Path) -> None:
+    """Refuse an ONNX file whose external data lies outside its folder (the file is parsed, nothing else read)."""
+    model = onnx.load(str(path), load_external_data=False)
+    for tensor in _tensors(model.graph):
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            location = next((e.value for e in tensor.external_data if e.key == "location"), "")
+            try:
+                inside_folder(location, "external data")
+            except ValueError as exc:
+                raise ArtifactError(f"{path}: {exc}; an artifact folder must be self-contained") from None
+
+
+def _tensors(graph: onnx.GraphProto):
+    """Initializers and constant tensors of a graph and its subgraphs."""
+    yield from graph.initializer
+    for node in graph.node:
+        for a in node.attribute:
+            if a.type == onnx.AttributeProto.TENSOR:
+                yield a.t
+            for g in [a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs):
+                yield from _tensors(g)
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:

@@ -95,7 +95,7 @@ register_attention(
 register_attention(
     AttentionEntry(
         "linear", "LinearSpec", "phi(Q) (phi(K)^T V) / phi(Q) sum phi(K); elu+1 or FAVOR+",
-        ("encoder", "decoder"), ("state",), "LinearAttention",
+        ("encoder", "decoder"), ("state",), "NormalizedLinearAttention",
         {"contiguous": "linear attention decodes from its fixed-size recurrent state: use kv_cache.layout = state",
          "paged": "linear attention decodes from its fixed-size recurrent state: use kv_cache.layout = state",
          "ring": "linear attention decodes from its fixed-size recurrent state: use kv_cache.layout = state",
@@ -146,11 +146,10 @@ def _check_params(spec: Any) -> None:
     if a.kind == "linformer" and a.k > m.max_seq_len:
         raise CompatibilityError(f"attention.k={a.k} exceeds model.max_seq_len={m.max_seq_len}; choose k <= max_seq_len")
     if a.kind == "hierarchical":
-        levels = 2 * len(a.factors) - 1
-        if m.n_layers < levels:
+        if m.n_layers < len(a.factors):
             raise CompatibilityError(
-                f"model.n_layers={m.n_layers} is too few for attention.factors={a.factors}: an hourglass needs "
-                f"{levels} layers (down, middle, up); raise n_layers or drop a factor"
+                f"model.n_layers={m.n_layers} is too few for attention.factors={a.factors}: an hourglass needs a "
+                f"layer per level ({len(a.factors)}); raise n_layers or drop a factor"
             )
         if m.max_seq_len < a.factors[-1]:
             raise CompatibilityError(

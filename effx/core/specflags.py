@@ -112,3 +112,38 @@ def spec_flags(fn: Callable[..., Any]) -> Callable[..., Any]:
 
     wrapper.__signature__ = sig.replace(parameters=params)  # type: ignore[attr-defined]
     return wrapper
+
+
+def stage_flags(*option_classes: type) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Add the fields of the options classes (effx.core.options) to a Typer command as flags; the command
+    receives one validated instance per class, as the keyword argument named after the class in snake case
+    (ExportOptions -> export_options)."""
+
+    def keyword(cls: type) -> str:
+        return "".join(f"_{c.lower()}" if c.isupper() else c for c in cls.__name__).lstrip("_")
+
+    def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
+        sig = inspect.signature(fn)
+        names = {keyword(cls) for cls in option_classes}
+        params = [p for p in sig.parameters.values() if p.name not in names]
+        fields = []
+        for cls in option_classes:
+            for name, f in cls.model_fields.items():
+                extra = f.json_schema_extra or {}
+                decls = ["--" + name.replace("_", "-")] + ([extra["short"]] if "short" in extra else [])
+                typ = f.annotation if f.annotation in (int, float, str, bool) else typing.Optional[_flag_type(f.annotation)]  # noqa: UP045
+                params.append(inspect.Parameter(
+                    name, inspect.Parameter.KEYWORD_ONLY, annotation=typ,
+                    default=typer.Option(f.default, *decls, help=f.description or "", rich_help_panel=cls.__name__)))
+                fields.append((cls, name))
+
+        @functools.wraps(fn)
+        def wrapper(**kwargs: Any) -> Any:
+            for cls in option_classes:
+                kwargs[keyword(cls)] = cls.parse({n: kwargs.pop(n) for c, n in fields if c is cls})
+            return fn(**kwargs)
+
+        wrapper.__signature__ = sig.replace(parameters=params)  # type: ignore[attr-defined]
+        return wrapper
+
+    return decorate

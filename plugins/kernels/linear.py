@@ -1,4 +1,4 @@
-"""Fused linear attention (effx::LinearAttention, effx::LinearAttentionState).
+"""Fused linear attention (effx::NormalizedLinearAttention, effx::NormalizedLinearAttentionState).
 
 Feature maps (effx.plugins.linear.feature_map), computed in fp32 inside the kernels:
   elu    phi(x) = elu(x) + 1                                  (m = D features)
@@ -261,7 +261,7 @@ def _launch_extra(ns, gpu_warps: int) -> dict:
 
 def linear_attention(q: Tensor, k: Tensor, v: Tensor, k_valid: Tensor | None, omega: Tensor | None,
                      feature_map_kind: str, eps: float, *, proj_dot: bool | None = None) -> Tensor:
-    """effx::LinearAttention (non-causal), fused."""
+    """effx::NormalizedLinearAttention (non-causal), fused."""
     _check(q, k, v)
     b, h, n, d = q.shape
     h_kv = k.shape[1]
@@ -284,7 +284,7 @@ def linear_attention(q: Tensor, k: Tensor, v: Tensor, k_valid: Tensor | None, om
 def linear_attention_state(q: Tensor, k: Tensor, v: Tensor, s0: Tensor, z0: Tensor, omega: Tensor | None,
                            feature_map_kind: str, eps: float, *, block_c: int | None = None,
                            proj_dot: bool | None = None) -> tuple[Tensor, Tensor, Tensor]:
-    """effx::LinearAttentionState (causal from a state), fused: chunked prefill, or the decode kernel for one token."""
+    """effx::NormalizedLinearAttentionState (causal from a state), fused: chunked prefill, or the decode kernel for one token."""
     _check(q, k, v)
     b, h, n, d = q.shape
     h_kv = k.shape[1]

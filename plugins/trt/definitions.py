@@ -103,10 +103,10 @@ PLUGIN_SPECS: dict[str, PluginSpec] = {
                    tactics=_SOFTMAX_TACTICS),
         PluginSpec("LinformerAttention", ("H", "H_KV", "N", "KP", "E_HEADS"), "linformer",
                    ("linformer_attention_kernel",)),
-        PluginSpec("LinearAttention", ("H", "H_KV", "N"), "linear", ("linear_attention_kernel",),
+        PluginSpec("NormalizedLinearAttention", ("H", "H_KV", "N"), "linear", ("linear_attention_kernel",),
                    materialise={"k_valid": "ones (B, N) in q's dtype when there is no padding",
                                 "omega": "for feature_map='elu' a (1, D) tensor in q's dtype (never read)"}),
-        PluginSpec("LinearAttentionState", ("H", "H_KV", "N"), "linear",
+        PluginSpec("NormalizedLinearAttentionState", ("H", "H_KV", "N"), "linear",
                    ("linear_attention_state_kernel", "linear_attention_decode_kernel"),
                    materialise={"omega": "for feature_map='elu' a (1, D) tensor in q's dtype (never read)"}),
     )
@@ -176,7 +176,7 @@ def kernel_constexprs(spec: PluginSpec, attrs: dict[str, Any], float_type: str, 
         raise EffxError(f"{spec.name}: feature_map={kind!r} has no kernel (use 'elu' or 'favor')")
     c = {"EPS": float(attrs["eps"]), "HEAD_DIM": head_dim, "BLOCK_D": block_d, "BLOCK_F": block_f,
          "BLOCK_DV": 16, **feat}
-    if spec.name == "LinearAttentionState" and dims.get("n") == 1:
+    if spec.name == "NormalizedLinearAttentionState" and dims.get("n") == 1:
         return spec.kernels[1], [Tiles(c, 16, 4, 1)]
     # 16-token chunks and 16 value columns per program keep the fp32 state tiles small; the favor
     # projection takes tensor cores when omega's tile fits, CUDA cores otherwise

@@ -45,7 +45,7 @@ def write_triton_repo(build_dir: str | Path, out: str | Path, name: str = "effx"
     manifest.verify_files(src)
     platform = "tensorrt_plan" if info.backend == "tensorrt" else "onnxruntime_onnx"
     names = []
-    with atomic_dir(Path(out), overwrite=overwrite) as tmp:
+    with atomic_dir(Path(out), "bundle", overwrite=overwrite) as tmp:
         for graph, g in info.graphs.items():
             model_name = f"{name}_{graph}"
             version = tmp / model_name / "1"

@@ -31,6 +31,7 @@ from effx.targets.calib import calibration_feeds, token_batches
 from effx.targets.ort.runner import OrtRunner
 from effx.targets.profiles import TargetProfile
 
+DYNAMIC_INT8_OPS = ("MatMul",)  # what effx hands ORT's dynamic quantizer (see build_ort)
 SESSION_OPTIONS = {"graph_optimization_level": "ORT_ENABLE_EXTENDED", "intra_op_num_threads": 0,
                    "inter_op_num_threads": 1, "execution_mode": "ORT_SEQUENTIAL"}
 
@@ -101,8 +102,12 @@ def build_ort(src: Path, manifest: Manifest, target: TargetProfile, precision: s
             onnx.save_model(m16, str(dst))
         else:
             if feeds is None:
+                # MatMul only: ORT's dynamic quantizer would also rewrite ONNX Attention (opset 23) into
+                # com.microsoft.QAttention, which rejects Attention's attributes (is_causal, ...): attention
+                # stays in float, the projections and the MLP (most of the FLOPs) run as MatMulInteger
                 with _quiet_root_logger():
-                    quantize_dynamic(str(src_path), str(dst), weight_type=QuantType.QInt8, per_channel=True)
+                    quantize_dynamic(str(src_path), str(dst), weight_type=QuantType.QInt8, per_channel=True,
+                                     op_types_to_quantize=list(DYNAMIC_INT8_OPS))
             else:
                 # U8 activations / S8 weights: ORT's CPU default (its int8 kernels are U8S8)
                 with _quiet_root_logger():

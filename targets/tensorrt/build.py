@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from effx.core.errors import EffxError
+from effx.core.errors import EffxError, StepFailed
 from effx.core.lazy import lazy_import
 from effx.core.manifest import BuildInfo, Manifest
 from effx.targets.calib import token_batches
@@ -111,5 +111,9 @@ def _graph_precision_with_modelopt(src: Path, manifest: Manifest, precision: str
         shutil.copyfile(src / g.file, work / g.file)
         say(f"ModelOpt {precision}: {g.file}")
         cmd = modelopt_command(g.file, precision)
-        subprocess.run([sys.executable, *cmd[1:]], cwd=work, check=True)
+        proc = subprocess.run([sys.executable, *cmd[1:]], cwd=work, capture_output=True, text=True)
+        if proc.returncode != 0:
+            lines = (proc.stderr or proc.stdout).strip().splitlines()
+            raise StepFailed(f"NVIDIA ModelOpt ({' '.join(cmd[1:4])}) failed on {g.file} with exit code "
+                             f"{proc.returncode}: {lines[-1] if lines else 'no output'}")
     return work

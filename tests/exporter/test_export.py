@@ -41,7 +41,7 @@ def test_encoder_matches_pytorch(case, tmp_path_factory):
     onnx.checker.check_model(str(path), full_check=True)
     nodes, proto = _effx_nodes(path)
     expected = {"full": None, "linformer": "LinformerAttention", "local": "LocalAttention",
-                "block_sparse": "BlockSparseAttention", "linear": "LinearAttention",
+                "block_sparse": "BlockSparseAttention", "linear": "NormalizedLinearAttention",
                 "hierarchical": "HourglassAttention"}[kind]
     if expected is None:
         assert nodes == [] and [n.op_type for n in proto.graph.node].count("Attention") == layers

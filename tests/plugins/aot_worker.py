@@ -31,8 +31,8 @@ ATTRS: dict[str, dict[str, Any]] = {
                              "causal": 0, "scale": 0.125},
     "PagedAttention": {"window": 0, "scale": 0.125},
     "LinformerAttention": {"scale": 0.125},
-    "LinearAttention": {"feature_map": "favor", "eps": 1e-6},
-    "LinearAttentionState": {"feature_map": "elu", "eps": 1e-6},
+    "NormalizedLinearAttention": {"feature_map": "favor", "eps": 1e-6},
+    "NormalizedLinearAttentionState": {"feature_map": "elu", "eps": 1e-6},
 }
 FAVOR_M = 96  # omega rows for the favor examples (not a power of two: exercises the padded feature tile)
 
@@ -117,7 +117,7 @@ def part_ptx() -> list[dict[str, Any]]:
         dims = {"head_dim": HEAD_DIM, "m": FAVOR_M}
         for arch in ARCHS:
             cases.append((spec, dims, "fp16", arch, 1))
-            if spec.name == "LinearAttentionState":
+            if spec.name == "NormalizedLinearAttentionState":
                 cases.append((spec, dims | {"n": 1}, "fp16", arch, 1))  # the decode kernel
     local = PLUGIN_SPECS["LocalAttention"]
     cases += [(local, {"head_dim": HEAD_DIM}, "bf16", 87, 1), (local, {"head_dim": HEAD_DIM}, "fp16", 87, 2),
@@ -169,13 +169,13 @@ def _cases() -> dict[str, dict[str, Any]]:
         "LinformerAttention": {"shapes": {"q": (b, h, "N", d), "k": (b, h_kv, "N", d), "v": (b, h_kv, "N", d),
                                           "e": (1, 128, "N"), "f": (1, 128, "N")},
                                "envs": [{"N": 1000}, {"N": 64}]},
-        "LinearAttention": {"shapes": {"q": (b, h, "N", d), "k": (b, h_kv, "N", d), "v": (b, h_kv, "N", d),
+        "NormalizedLinearAttention": {"shapes": {"q": (b, h, "N", d), "k": (b, h_kv, "N", d), "v": (b, h_kv, "N", d),
                                        "k_valid": (b, "N"), "omega": (FAVOR_M, d)},
                             "envs": [{"N": 333}]},
-        "LinearAttentionState": {"shapes": {"q": (b, h, "N", d), "k": (b, h_kv, "N", d), "v": (b, h_kv, "N", d),
+        "NormalizedLinearAttentionState": {"shapes": {"q": (b, h, "N", d), "k": (b, h_kv, "N", d), "v": (b, h_kv, "N", d),
                                             "s0": (b, h_kv, d, d), "z0": (b, h_kv, d), "omega": (1, d)},
                                  "envs": [{"N": 50}]},
-        "LinearAttentionState/decode": {"shapes": {"q": (b, h, 1, d), "k": (b, h_kv, 1, d), "v": (b, h_kv, 1, d),
+        "NormalizedLinearAttentionState/decode": {"shapes": {"q": (b, h, 1, d), "k": (b, h_kv, 1, d), "v": (b, h_kv, 1, d),
                                                    "s0": (b, h_kv, d, d), "z0": (b, h_kv, d), "omega": (1, d)},
                                         "envs": [{}]},
     }

@@ -215,7 +215,7 @@ def test_linformer_low_precision(kernel_device, close_lowp, dtype, fused):
     close_lowp(out, ref32, scale, dtype, ref_lowp=linformer_attention_reference(q, k, v, e, f, 0.3))
 
 
-# -- LinearAttention / LinearAttentionState -----------------------------------------------------------------
+# -- NormalizedLinearAttention / NormalizedLinearAttentionState -----------------------------------------------------------------
 LINEAR = {"mha": (2, 2, 2, 37, 12), "gqa": (1, 4, 2, 33, 16)}  # (B, H, H_kv, N, D)
 FAVOR_M = 20  # not a power of two: the feature tile is padded
 

@@ -86,12 +86,12 @@ def expected_launch(name, env, tactic):
         return [cdiv(env["S"] * 4, block_m), b * h_kv, 1], [h, h_kv, env["S"], 16, env["MB"], 0]
     if name == "LinformerAttention":
         return [cdiv(env["N"] * 4, 64), b * h_kv, 1], [h, h_kv, env["N"], 128, 1]
-    if name in ("LinearAttention", "LinearAttentionState"):
+    if name in ("NormalizedLinearAttention", "NormalizedLinearAttentionState"):
         return [64 // 16, b * h_kv, 1], [h, h_kv, env["N"]]
     return [64 // 16, b * h_kv, 1], [h, h_kv, 1]  # decode
 
 
-@pytest.mark.parametrize("case", [*PLUGIN_SPECS, "LinearAttentionState/decode"])
+@pytest.mark.parametrize("case", [*PLUGIN_SPECS, "NormalizedLinearAttentionState/decode"])
 def test_aot_launch_parameters_and_ptx(qdp, case):
     name = case.split("/")[0]
     spec = PLUGIN_SPECS[name]
@@ -99,8 +99,8 @@ def test_aot_launch_parameters_and_ptx(qdp, case):
     envs = {"LocalAttention": [{"NQ": 100, "NK": 300}, {"NQ": 1, "NK": 4096}],
             "BlockSparseAttention": [{"N": 257}, {"N": 16}],
             "PagedAttention": [{"S": 1, "NB": 64, "MB": 32}, {"S": 7, "NB": 9, "MB": 3}],
-            "LinformerAttention": [{"N": 1000}, {"N": 64}], "LinearAttention": [{"N": 333}],
-            "LinearAttentionState": [{"N": 50}], "LinearAttentionState/decode": [{}]}[case]
+            "LinformerAttention": [{"N": 1000}, {"N": 64}], "NormalizedLinearAttention": [{"N": 333}],
+            "NormalizedLinearAttentionState": [{"N": 50}], "NormalizedLinearAttentionState/decode": [{}]}[case]
     decode = case.endswith("decode")
     for launch in facts["launches"]:
         assert launch["kernel"] == spec.kernels[1 if decode else 0]
@@ -119,5 +119,5 @@ def test_aot_launch_parameters_and_ptx(qdp, case):
 def test_output_shapes_follow_the_inputs(qdp):
     local = plugin(qdp, "LocalAttention")
     assert local["output_shapes"] == [[[2, 8, 100, 64]], [[2, 8, 1, 64]]]
-    state = plugin(qdp, "LinearAttentionState")
+    state = plugin(qdp, "NormalizedLinearAttentionState")
     assert state["output_shapes"] == [[[2, 8, 50, 64], [2, 2, 64, 64], [2, 2, 64]]]

@@ -1,0 +1,63 @@
+"""Options of the export and build stages, declared once. The API functions take their values, and the CLI
+generates the flags of `effx export`, `effx build` and `effx run` (which runs both stages) from these
+classes (effx.core.specflags.stage_flags), so the three commands never disagree on a name or a default."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from effx.core.errors import SpecError
+
+MIN_OPSET = 18  # function bodies use ReduceMean/ReduceMax with axes inputs (opset 18)
+MAX_OPSET = 26  # the newest ai.onnx opset ONNX Runtime 1.32 runs
+ATTENTION_OPSET = 23  # ONNX Attention
+DEFAULT_OPSET = 23
+
+
+def check_opset(opset: int) -> None:
+    if not MIN_OPSET <= opset <= MAX_OPSET:
+        raise SpecError(
+            f"--opset {opset} is out of range: effx function bodies need ai.onnx >= {MIN_OPSET} and ONNX Runtime "
+            f"runs <= {MAX_OPSET}; full attention becomes the ONNX Attention op from {ATTENTION_OPSET}"
+        )
+
+
+class _Options(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @classmethod
+    def parse(cls, values: dict) -> _Options:
+        """Validate flag values; a problem becomes one SpecError line naming the flag."""
+        try:
+            return cls.model_validate(values)
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            flag = "--" + str(err["loc"][0]).replace("_", "-") if err["loc"] else "options"
+            raise SpecError(f"{flag} {err.get('input')!r}: {err['msg'].removeprefix('Value error, ')}") from None
+
+
+class ExportOptions(_Options):
+    """`effx export` (and the export stage of `effx run`)."""
+
+    opset: int = Field(DEFAULT_OPSET, description=f"ai.onnx opset ({MIN_OPSET}-{MAX_OPSET}); "
+                                                  f"{ATTENTION_OPSET}+ turns full attention into ONNX Attention")
+    max_batch: int = Field(8, ge=1, description="largest batch in the recorded shape ranges")
+    inline: bool = Field(False, description="plain ONNX: inline the effx functions, no custom domain")
+    trt_plugins: bool = Field(False, description="mark effx nodes for TensorRT's AOT plugins (aot=1)")
+
+    @field_validator("opset")
+    @classmethod
+    def _opset(cls, value: int) -> int:
+        check_opset(value)
+        return value
+
+
+class BuildOptions(_Options):
+    """`effx build` (and the build stage of `effx run`)."""
+
+    target: str = Field("cpu", description="target to build for (see `effx targets`)",
+                        json_schema_extra={"short": "-t"})
+    precision: str = Field("fp32", description="fp32 | fp16 | bf16 | int8 | fp8 | int4w")
+    calib: str = Field("random", description="int8 calibration: random | dynamic (ORT) | FILE.npz | token file")
+    calib_samples: int = Field(8, ge=1, description="calibration batches")
+    dla_core: int | None = Field(None, ge=0, description="run on this DLA core (GPU fallback on)")
