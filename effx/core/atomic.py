@@ -14,7 +14,6 @@ leaves the destination as it was (and removes the temporary folder).
 from __future__ import annotations
 
 import contextlib
-import datetime as _dt
 import json
 import os
 import shutil
@@ -93,8 +92,7 @@ def check_output_dir(out: Path, command: str, overwrite: bool = False, resumable
 def write_marker(folder: Path, command: str) -> None:
     """Mark `folder` as `command`'s output, listing the files in it now (what effx wrote)."""
     folder = Path(folder)
-    data = {"effx_output": 1, "command": command, "effx": __version__,
-            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "files": _files(folder)}
+    data = {"effx_output": 1, "command": command, "effx": __version__, "files": _files(folder)}
     (folder / MARKER).write_text(json.dumps(data, indent=2) + "\n")
 
 

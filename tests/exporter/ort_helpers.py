@@ -6,9 +6,11 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
+from onnx.reference import ReferenceEvaluator
 
 from effx.core.manifest import Manifest
 from effx.core.protocol import decode_loop
+from effx.core.runner import Runner
 from effx.targets.ort import OrtRunner
 
 
@@ -23,6 +25,40 @@ def decode_in_ort(folder: Path, manifest: Manifest, ids: np.ndarray, prompt: int
     (B, N, V)."""
     with OrtRunner(folder, manifest, threads=1) as runner:
         return np.concatenate(decode_loop(runner.infer, manifest, ids, prompt, block_table), axis=1)
+
+
+class ReferenceRunner(Runner):
+    """onnx's own reference evaluator as a runner: the second ONNX runtime the exports must agree with."""
+
+    name = "onnx-reference"
+
+    def __init__(self, folder: Path, manifest: Manifest):
+        super().__init__()
+        self.folder, self.manifest = Path(folder), manifest
+
+    @property
+    def graphs(self) -> list[str]:
+        return list(self.manifest.graphs)
+
+    def _load(self) -> None:
+        self._sessions = {n: ReferenceEvaluator(str(self.folder / g.file)) for n, g in self.manifest.graphs.items()}
+
+    def _infer(self, feed, graph):
+        sess = self._sessions[graph]
+        return dict(zip(sess.output_names, sess.run(None, {n: feed[n] for n in sess.input_names}), strict=True))
+
+
+def runtimes_agree(folder: Path, manifest: Manifest, ids: np.ndarray, prompt: int | None = None,
+                   mask: np.ndarray | None = None) -> float:
+    """Max abs difference between ONNX Runtime and onnx's reference evaluator on the same feeds: the encoder
+    graph, or every step of a decode loop (prefill `prompt` tokens, then one by one)."""
+    with OrtRunner(folder, manifest, threads=1) as ort_runner, ReferenceRunner(folder, manifest) as ref:
+        if prompt is None:
+            feed = {"input_ids": ids, "attention_mask": np.ones_like(ids) if mask is None else mask}
+            return float(np.abs(ort_runner.infer(feed, "model")["last_hidden_state"]
+                                - ref.infer(feed, "model")["last_hidden_state"]).max())
+        got = [decode_loop(r.infer, manifest, ids, prompt) for r in (ort_runner, ref)]
+    return max(float(np.abs(a - b).max()) for a, b in zip(*got, strict=True))
 
 
 def empty_cache_feed(manifest: Manifest, batch: int) -> dict[str, np.ndarray]:

@@ -10,7 +10,7 @@ import torch
 from effx.core.manifest import Manifest, sha256_file
 from effx.exporter import export_model
 from effx.models import build_model
-from tests.exporter.ort_helpers import decode_in_ort, empty_cache_feed, encoder_error, session
+from tests.exporter.ort_helpers import decode_in_ort, empty_cache_feed, encoder_error, runtimes_agree, session
 from tests.helpers import DECODER_CASES, ENCODER_CASES, case_id, decoder_spec, encoder_spec
 
 TOL = 1e-4
@@ -55,6 +55,11 @@ def test_encoder_matches_pytorch(case, tmp_path_factory):
     assert manifest.graphs["model"].dims["sequence"].max == spec.model.max_seq_len
     for batch, n in [(1, 9), (3, 20)]:
         assert encoder_error(path, model, batch, n, pad_last=3) <= TOL, (batch, n)
+    # a second ONNX runtime (onnx's reference evaluator) computes the same from the same file
+    ids = np.random.default_rng(1).integers(0, spec.model.vocab_size, (2, 13))
+    mask = np.ones_like(ids)
+    mask[1, 10:] = 0
+    assert runtimes_agree(out, manifest, ids, mask=mask) <= TOL
 
 
 @pytest.mark.parametrize("case", DECODER_CASES, ids=case_id)
@@ -79,6 +84,7 @@ def test_decoder_prefill_then_decode_matches_pytorch(case, tmp_path_factory):
     for prompt in (5, 2):
         got = decode_in_ort(out, manifest, ids.numpy(), prompt, block_table)
         assert np.abs(got - ref).max() <= TOL, prompt
+    assert runtimes_agree(out, manifest, ids[:, :8].numpy(), prompt=5) <= TOL  # prefill and decode graphs
     # the decode graph also takes an empty cache (past length 0)
     decode = session(out / "decode.onnx")
     feed = {"input_ids": ids[:, :4].numpy(), "past_lengths": np.zeros(batch, np.int64)} | empty_cache_feed(manifest, batch)

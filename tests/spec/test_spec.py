@@ -24,7 +24,7 @@ INVALID = [
     ({"attention": {"kind": "linear", "feature_map": "relu"}}, "attention.feature_map"),
     ({"attention": {"kind": "hierarchical", "factors": [2, 4]}}, "attention.factors"),
     ({"attention": {"kind": "hierarchical", "factors": [1, 3, 4]}}, "attention.factors"),
-    ({"attention": {"kind": "hierarchical", "factors": [1, 2, 4]}, "model": {"n_layers": 3}}, "model.n_layers"),
+    ({"attention": {"kind": "hierarchical", "factors": [1, 2, 4]}, "model": {"n_layers": 2}}, "model.n_layers"),
     ({"model": {"family": "decoder"}, "attention": {"kind": "linformer"}}, "attention.kind=linformer"),
     ({"kv_cache": {"layout": "contiguous"}}, "kv_cache.layout=contiguous"),
     ({"model": {"family": "decoder"}, "kv_cache": {"layout": "ring"}}, "kv_cache.layout=ring"),
