@@ -282,8 +282,9 @@ def bench(
     from effx.check import bench as sweep
 
     kinds = [k.strip() for k in attention.split(",") if k.strip()]
+    console = _console(stderr=True)
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  transient=True, console=_console(stderr=True)) as bar:
+                  transient=True, console=console, disable=not console.is_terminal) as bar:
         task = bar.add_task("bench")
         results = sweep.bench(kinds, parse_int_list(seq, "--seq"), batches=parse_int_list(batch, "--batch"),
                               target=target, precision=precision, d_model=d_model, heads=heads, layers=layers,
@@ -331,8 +332,9 @@ def _load_or_build(spec_file: Path | None, model_dir: Path | str | None, overrid
 @contextlib.contextmanager
 def _progress(stage: str):
     """A rich spinner whose text follows the stage's progress messages."""
+    console = _console(stderr=True)  # no progress where stderr is not a terminal: one-line errors stay one line
     with Progress(SpinnerColumn(), TextColumn("[bold]{task.description}"), TimeElapsedColumn(),
-                  transient=True, console=_console(stderr=True)) as progress:
+                  transient=True, console=console, disable=not console.is_terminal) as progress:
         task = progress.add_task(stage)
         yield lambda msg: progress.update(task, description=f"{stage}: {msg}")
 
