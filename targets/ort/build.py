@@ -20,6 +20,7 @@ import warnings
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import onnx
 import onnxruntime as ort
 from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
@@ -101,17 +102,20 @@ def build_ort(src: Path, manifest: Manifest, target: TargetProfile, precision: s
             del m16.graph.value_info[:]
             onnx.save_model(m16, str(dst))
         else:
+            # the exporter writes x @ W^T as MatMul(x, Transpose(W)); ORT's quantizers quantize weights only
+            # where MatMul reads an initializer, so the transposes are folded into the weights first
+            model = fold_weight_transposes(onnx.load(str(src_path)))
             if feeds is None:
                 # MatMul only: ORT's dynamic quantizer would also rewrite ONNX Attention (opset 23) into
                 # com.microsoft.QAttention, which rejects Attention's attributes (is_causal, ...): attention
                 # stays in float, the projections and the MLP (most of the FLOPs) run as MatMulInteger
                 with _quiet_root_logger():
-                    quantize_dynamic(str(src_path), str(dst), weight_type=QuantType.QInt8, per_channel=True,
+                    quantize_dynamic(model, str(dst), weight_type=QuantType.QInt8, per_channel=True,
                                      op_types_to_quantize=list(DYNAMIC_INT8_OPS))
             else:
                 # U8 activations / S8 weights: ORT's CPU default (its int8 kernels are U8S8)
                 with _quiet_root_logger():
-                    quantize_static(str(src_path), str(dst), _Reader(feeds[name]), quant_format=QuantFormat.QDQ,
+                    quantize_static(model, str(dst), _Reader(feeds[name]), quant_format=QuantFormat.QDQ,
                                     per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
         built = onnx.load(str(dst), load_external_data=False)
         if built.ir_version > 10:
@@ -126,6 +130,34 @@ def build_ort(src: Path, manifest: Manifest, target: TargetProfile, precision: s
                      session_options=SESSION_OPTIONS | {"providers": list(target.ort_providers),
                                                         "optimized_graphs": {n: f"{n}.ort.onnx" for n in graphs}},
                      extra={"calibration": None if feeds is None else {"source": calib, "batches": samples}})
+
+
+def fold_weight_transposes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Replace every Transpose of an initializer in the main graph by the transposed initializer."""
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    consumers: dict[str, int] = {}
+    for n in graph.node:
+        for i in n.input:
+            consumers[i] = consumers.get(i, 0) + 1
+    keep, folded = [], 0
+    for node in graph.node:
+        if node.op_type == "Transpose" and node.input[0] in inits:
+            perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
+            array = onnx.numpy_helper.to_array(inits[node.input[0]])
+            graph.initializer.append(onnx.numpy_helper.from_array(np.ascontiguousarray(array.transpose(perm)),
+                                                                  node.output[0]))
+            consumers[node.input[0]] -= 1
+            folded += 1
+            continue
+        keep.append(node)
+    if folded:
+        del graph.node[:]
+        graph.node.extend(keep)
+        unused = [t for t in graph.initializer if consumers.get(t.name, 1) == 0]
+        for t in unused:
+            graph.initializer.remove(t)
+    return model
 
 
 def _split_consumed_outputs(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -148,8 +148,12 @@ def test_external_data_outside_the_folder_is_refused(exported, tmp_path):
     bad = tmp_path / "bad"
     shutil.copytree(exported, bad)
     model = onnx.load(str(bad / "model.onnx"))
-    onnx.save_model(model, str(bad / "model.onnx"), save_as_external_data=True, location="../weights.bin",
-                    size_threshold=0)
+    tensor = model.graph.initializer[0]  # as if its weights lay in a file beside the folder
+    (tmp_path / "weights.bin").write_bytes(onnx.numpy_helper.to_array(tensor).tobytes())
+    onnx.external_data_helper.set_external_data(tensor, location="../weights.bin")
+    tensor.ClearField("raw_data")
+    tensor.data_location = onnx.TensorProto.EXTERNAL
+    (bad / "model.onnx").write_bytes(model.SerializeToString())
     manifest = Manifest.read(bad)
     manifest.hash_files(bad)
     with pytest.raises(Exception, match=r"external data '\.\./weights\.bin'"):
