@@ -6,6 +6,7 @@ import torch
 from effx.models import build_model, load_model, save_model
 from effx.models.cache import PagedCache
 from tests.helpers import DECODER_CASES, ENCODER_CASES, case_id, decode_chunks, decoder_spec, encoder_spec
+from tests.oracle import sharpen
 
 TOL = 1e-5
 N = 17
@@ -24,7 +25,7 @@ def test_every_compatible_decoder_pair_is_covered():
 @pytest.mark.parametrize("case", DECODER_CASES, ids=case_id)
 def test_token_by_token_and_prompt_then_decode_equal_full_forward(case, tokens):
     kind, layout, attention, cache = case
-    model = build_model(decoder_spec(kind, layout, attention, cache))
+    model = sharpen(build_model(decoder_spec(kind, layout, attention, cache)))  # sharp: slot errors show
     ids = tokens(2, N)
     full = model(ids)
     token_by_token, _ = _decode(model, ids, [1] * N)
@@ -38,7 +39,7 @@ def test_token_by_token_and_prompt_then_decode_equal_full_forward(case, tokens):
 @pytest.mark.parametrize("case", [c for c in DECODER_CASES if c[1] == "paged"], ids=case_id)
 def test_paged_batch_with_different_prompt_lengths(case, tokens):
     kind, layout, attention, cache_params = case
-    model = build_model(decoder_spec(kind, layout, attention, cache_params))
+    model = sharpen(build_model(decoder_spec(kind, layout, attention, cache_params)))
     lengths = [5, 2, 8]
     seqs = [tokens(1, n + 4, seed=i)[0] for i, n in enumerate(lengths)]
     prompt = torch.zeros(3, max(lengths), dtype=torch.int64)
