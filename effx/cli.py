@@ -86,7 +86,7 @@ def init(
     if output.exists() and not force:
         raise OutputPathError(f"{output} exists; pass --force to overwrite or choose another -o")
     atomic_write_text(output, spec_to_commented_toml(spec))
-    typer.echo(f"wrote {output} (attention={spec.attention.kind}, family={spec.model.family})")
+    typer.echo(f"wrote {output} (attention={spec.attention_summary()}, family={spec.model.family})")
 
 
 # --------------------------------------------------------------------------------------------------- run
@@ -138,8 +138,9 @@ def import_(
         model = hf_import.import_to_folder(path, output, overrides=overrides or {}, overwrite=overwrite)
     spec = model.spec
     typer.echo(f"wrote {output} ({model.origin['model_type']} -> effx {spec.model.family}, {spec.model.n_layers} "
-               f"layers, d_model {spec.model.d_model}, attention {spec.attention.kind}, kv cache {spec.kv_cache.layout})")
-    if spec.attention.kind != "full":
+               f"layers, d_model {spec.model.d_model}, attention {spec.attention_summary()}, kv cache "
+               f"{spec.cache_layout})")
+    if spec.attention_summary() != model.origin.get("attention", "full"):
         typer.echo("note: the attention was swapped; the model needs fine-tuning to recover the original accuracy "
                    "(effx validate shows the drift from the original)")
 

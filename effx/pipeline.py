@@ -81,7 +81,7 @@ def run_pipeline(spec: RunSpec, output: str | Path, export: ExportOptions | None
         model = model if model is not None else build_model(spec)
         save_model(model, tmp / "model")
         (tmp / "spec.toml").write_text(spec_to_commented_toml(spec))
-        result.stages["model"] = {"attention": spec.attention.kind, "family": spec.model.family,
+        result.stages["model"] = {"attention": spec.attention_summary(), "family": spec.model.family,
                                   "parameters": sum(p.numel() for p in model.parameters())}
         result.stages["forward"] = forward_check(model, batch, seq, seed=spec.model.seed)
         say("export")

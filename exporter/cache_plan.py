@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from effx.core.manifest import CachePlan, CacheTensor, ControlInput
+from effx.core.manifest import CachePlan, CacheTensor, ControlInput, LayerCache
 from effx.core.registry import CACHES
 from effx.models.transformer import EffxModel
 
@@ -42,33 +42,72 @@ _PROTOCOL = {
 }
 
 
+_HYBRID = [
+    "Layers differ (see `layers`): allocate every past.{i}.* from the shapes below as zeros (or run prefill.onnx on "
+    "the prompt, which takes only the paged layers' pools).",
+    "Each step: feed present.{i}.* back as past.{i}.*; past_lengths = tokens already cached per sequence.",
+]
+_LAYOUT_NOTE = {
+    "contiguous": "contiguous layers: key/value grow by the new tokens along axis 2.",
+    "ring": "ring layers: token p lives in slot p mod window; the tensors never grow.",
+    "state": "state layers: a recurrent state of fixed size.",
+    "multiscale": "multiscale layers: pooled key/value grow by one row per f tokens.",
+    "paged": "paged layers: one block table for all of them; before each step make sure block_table[b] maps enough "
+             "physical blocks for past_lengths[b] + input length; new_lengths[b] = real new tokens of row b.",
+}
+
+
+def _layer_params(layout: str, layer_cache, state: dict) -> dict:
+    if layout == "ring":
+        return {"window": int(state["key"].shape[2])}
+    if layout == "paged":
+        return {"block_size": layer_cache.block_size, "num_blocks": layer_cache.num_blocks}
+    if layout == "state":
+        return {"features": int(state["s"].shape[2])}
+    return {}
+
+
 def cache_plan(model: EffxModel) -> CachePlan | None:
     spec = model.spec
-    layout = spec.kv_cache.layout
-    if spec.model.family != "decoder" or layout == "none":
+    if spec.model.family != "decoder" or spec.kv_cache.layout == "none":
         return None
+    layout = spec.cache_layout
+    resolved = spec.resolved_layers()
     cache = model.empty_cache(1)
     dtype = _DTYPE[str(cache.layers[0][next(iter(cache.layers[0]))].dtype)]
-    tensors = []
-    for i, layer in enumerate(cache.layers):
-        for name, t in layer.items():
+    tensors, layers = [], []
+    for i, (layer, state) in enumerate(zip(resolved, cache.layers, strict=True)):
+        lay = layer.kv_cache.layout
+        for name, t in state.items():
             shape: list[int | str] = list(t.shape)
-            if layout != "paged":
+            if lay != "paged":
                 shape[0] = "batch"
             tensors.append(CacheTensor(input=f"past.{i}.{name}", output=f"present.{i}.{name}", dtype=dtype, shape=shape))
+        params = _layer_params(lay, layer.kv_cache, state)
+        if lay == "multiscale":
+            params["factor"] = int(cache.factors[i])
+        layers.append(LayerCache(index=i, kind=layer.attention.kind, layout=lay, tensors=[f"past.{i}.{n}" for n in state],
+                                 grows=CACHES[lay].grows, params=params))
     controls = [ControlInput(name="past_lengths", dtype="int64", shape=["batch"],
                              meaning="tokens already in the cache per sequence (decode graph)")]
-    if layout == "paged":
+    paged = next((layer.kv_cache for layer in resolved if layer.kv_cache.layout == "paged"), None)
+    if paged is not None:
         max_blocks = int(cache.block_table.shape[1])
         controls += [
             ControlInput(name="new_lengths", dtype="int64", shape=["batch"], meaning="real new tokens per row"),
             ControlInput(name="block_table", dtype="int64", shape=["batch", max_blocks],
                          meaning="physical block of each logical block of each sequence"),
         ]
-    params = spec.kv_cache.model_dump(exclude={"layout", "dtype"})
-    if layout == "multiscale":
-        params["layer_factors"] = list(cache.factors)
-    if layout == "ring":
-        params["window"] = cache.window
-    return CachePlan(layout=layout, dtype=dtype, tensors=tensors, controls=controls, grows=CACHES[layout].grows,
-                     params=params, protocol=_PROTOCOL[layout])
+    if layout == "hybrid":
+        params = paged.model_dump(exclude={"layout", "dtype"}) if paged is not None else {}
+        present = list(dict.fromkeys(layer.kv_cache.layout for layer in resolved))
+        protocol = _HYBRID + [_LAYOUT_NOTE[x] for x in present]
+    else:
+        params = spec.kv_cache.model_dump(exclude={"layout", "dtype"})
+        if layout == "multiscale":
+            params["layer_factors"] = list(cache.factors)
+        if layout == "ring":
+            params["window"] = cache.window
+        protocol = _PROTOCOL[layout]
+    return CachePlan(layout=layout, dtype=dtype, tensors=tensors, controls=controls,
+                     grows=any(x.grows for x in layers), params=params, protocol=protocol, layers=layers)

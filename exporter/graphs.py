@@ -35,6 +35,11 @@ class GraphPlan:
     varargs: bool = False  # module.forward(*args)
 
 
+def layer_layouts(model: EffxModel) -> list[str]:
+    """Each layer's cache layout."""
+    return [layer.kv_cache.layout for layer in model.spec.resolved_layers()]
+
+
 def state_names(model: EffxModel) -> list[list[str]]:
     """Per layer, the names of its cache tensors (the layout fixes them)."""
     cache = model.empty_cache(1)
@@ -57,7 +62,8 @@ class StepGraph(nn.Module):
     def __init__(self, model: EffxModel, prefill: bool):
         super().__init__()
         self.model, self.prefill = model, prefill
-        self.layout = model.spec.kv_cache.layout
+        self.layouts = layer_layouts(model)
+        self.paged = "paged" in self.layouts
         self.names = state_names(model)
 
     def forward(self, *args: Tensor):
@@ -68,16 +74,16 @@ class StepGraph(nn.Module):
             lengths = torch.zeros_like(input_ids[:, 0])
         else:
             lengths = args.pop(0)
-        if self.layout == "paged":
+        if self.paged:
             new_lengths, block_table = args.pop(0), args.pop(0)
         else:
             new_lengths, block_table = torch.full_like(input_ids[:, 0], seq), None
-        if self.prefill and self.layout != "paged":
-            layers = self.model.empty_cache(1).layers  # shapes per layer; batch follows the input
-            layers = [{k: _like_batch(t, input_ids) for k, t in layer.items()} for layer in layers]
-        else:
-            layers = []
-            for names in self.names:
+        empty = self.model.empty_cache(1).layers if self.prefill and set(self.layouts) != {"paged"} else None
+        layers = []
+        for i, names in enumerate(self.names):
+            if self.prefill and self.layouts[i] != "paged":  # an empty cache, made in the graph; batch follows
+                layers.append({k: _like_batch(t, input_ids) for k, t in empty[i].items()})
+            else:  # the decode graph's cache, and the host's paged pools (the prefill writes into them)
                 layers.append({n: args.pop(0) for n in names})
         logits, new_layers = self.model.step_tensors(input_ids, lengths, new_lengths, layers, block_table,
                                                      fresh=self.prefill)
@@ -131,10 +137,11 @@ def _flat(layers: list[LayerState], prefix: str) -> tuple[list[Tensor], list[str
 
 def _state_dims(model: EffxModel, batch: Dim) -> list[dict[int, Dim]]:
     """Dynamic axes of each cache tensor: batch (not for pools), and the lengths that grow per layer."""
-    layout = model.spec.kv_cache.layout
+    layouts = layer_layouts(model)
     past = Dim("past_sequence", min=0, max=model.spec.model.max_seq_len)
     dims = []
     for i, layer in enumerate(model.empty_cache(1).layers):
+        layout = layouts[i]
         groups = Dim(f"past_groups_{i}", min=0, max=model.spec.model.max_seq_len)
         tail = Dim(f"tail_{i}", min=0, max=model.spec.model.max_seq_len)
         for name in layer:
@@ -160,34 +167,35 @@ def _example_cache(model: EffxModel, ids: Tensor):
 
 
 def _prefill_plan(model, ids, batch, seq, batch_range, seq_range) -> GraphPlan:
-    layout = model.spec.kv_cache.layout
+    layouts = layer_layouts(model)
     prompt = ids[:, :EXAMPLE_SEQ]
     args: list[Tensor] = [prompt]
     names = ["input_ids"]
     dyn: list = [{0: batch, 1: seq}]
     empty = model.empty_cache(ids.shape[0])
-    if layout == "paged":
+    if "paged" in layouts:  # the paged layers' pools are the host's: the prefill takes them
         empty = empty.reserve(EXAMPLE_SEQ)
         args += [torch.full((ids.shape[0],), EXAMPLE_SEQ, dtype=torch.int64), empty.block_table]
         names += ["new_lengths", "block_table"]
         dyn += [{0: batch}, {0: batch}]
-        pools, pool_names = _flat(empty.layers, "past")
-        args += pools
-        names += pool_names
-        dyn += [{} for _ in pools]
+        for i, layer in enumerate(empty.layers):
+            if layouts[i] == "paged":
+                pools, pool_names = _flat([layer], "past")
+                args += pools
+                names += [n.replace("past.0.", f"past.{i}.", 1) for n in pool_names]
+                dyn += [{} for _ in pools]
     _, out_names = _flat(empty.layers, "present")
     return GraphPlan("prefill", "prefill", StepGraph(model, prefill=True), tuple(args), names,
                      ["logits", *out_names], tuple(dyn), {"batch": batch_range, "sequence": seq_range}, varargs=True)
 
 
 def _decode_plan(model, ids, batch, seq, batch_range, seq_range) -> GraphPlan:
-    layout = model.spec.kv_cache.layout
     cache = _example_cache(model, ids)
     new = ids[:, EXAMPLE_PAST:EXAMPLE_PAST + EXAMPLE_SEQ]
     args: list[Tensor] = [new, cache.lengths.clone()]
     names = ["input_ids", "past_lengths"]
     dyn: list = [{0: batch, 1: seq}, {0: batch}]
-    if layout == "paged":
+    if "paged" in layer_layouts(model):
         cache = cache.reserve(EXAMPLE_SEQ)
         args += [torch.full((ids.shape[0],), EXAMPLE_SEQ, dtype=torch.int64), cache.block_table]
         names += ["new_lengths", "block_table"]

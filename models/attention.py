@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from effx.core.errors import EffxError
 from effx.core.spec import RunSpec
+from effx.models.blocks import make_norm
 from effx.plugins.common import arange_positions
 from effx.plugins.paged import gather_pages, paged_attention, paged_key_positions
 
@@ -45,10 +46,9 @@ class StepInputs:
     """What a decode step knows besides the new tokens: positions and, for paged caches, the block table."""
 
     def __init__(
-        self, layout: str, lengths: Tensor, q_pos: Tensor, new_lengths: Tensor, block_table: Tensor | None = None,
+        self, lengths: Tensor, q_pos: Tensor, new_lengths: Tensor, block_table: Tensor | None = None,
         fresh: bool = False,
     ):
-        self.layout = layout  # the cache layout the state dicts follow
         self.fresh = fresh  # the cache is empty (a prompt): kinds may run their whole-sequence op
         self.lengths = lengths  # (B,) tokens cached before this step
         self.q_pos = q_pos  # (B, S) absolute positions of the new tokens
@@ -63,13 +63,21 @@ class AttentionBase(nn.Module):
         super().__init__()
         m = spec.model
         self.layer_index = layer_index
+        layer = spec.layer(layer_index)
+        self.params = layer.attention  # this layer's attention spec (kind parameters)
+        self.cache_layout = layer.kv_cache.layout  # how a decoder caches this layer
         self.n_heads, self.n_kv_heads, self.head_dim = m.n_heads, m.kv_heads, m.head_dim
         self.causal = m.causal
-        self.scale = self.head_dim**-0.5
-        self.q_proj = nn.Linear(m.d_model, m.n_heads * m.head_dim, bias=m.bias)
-        self.k_proj = nn.Linear(m.d_model, m.kv_heads * m.head_dim, bias=m.bias)
-        self.v_proj = nn.Linear(m.d_model, m.kv_heads * m.head_dim, bias=m.bias)
+        self.scale = m.attn_scale if m.attn_scale is not None else self.head_dim**-0.5
+        self.softcap = m.attn_softcap or 0.0  # attention-logit soft-capping (0: off)
+        self.q_proj = nn.Linear(m.d_model, m.n_heads * m.head_dim, bias=m.q_k_v_bias)
+        self.k_proj = nn.Linear(m.d_model, m.kv_heads * m.head_dim, bias=m.q_k_v_bias)
+        self.v_proj = nn.Linear(m.d_model, m.kv_heads * m.head_dim, bias=m.q_k_v_bias)
         self.o_proj = nn.Linear(m.n_heads * m.head_dim, m.d_model, bias=m.bias)
+        if m.qk_norm:  # per-head RMS norms of q and k, before RoPE (Qwen3, Gemma 3)
+            kind = m.norm if m.norm != "layernorm" else "rmsnorm"
+            self.q_norm = make_norm(kind, m.head_dim, m.norm_eps)
+            self.k_norm = make_norm(kind, m.head_dim, m.norm_eps)
         # held in lists: the model owns these, layers only use them (no duplicate entries in state_dict)
         self._rope = [rope]
         self._shared = [shared]
@@ -80,6 +88,8 @@ class AttentionBase(nn.Module):
         q = self.q_proj(x).view(b, n, self.n_heads, self.head_dim).transpose(1, 2)  # (B,H,N,D)
         k = self.k_proj(x).view(b, n, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B,H_kv,N,D)
         v = self.v_proj(x).view(b, n, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
         rope = self._rope[0]
         if rope is not None:
             q, k = rope(q, positions), rope(k, positions)
@@ -136,9 +146,9 @@ class SoftmaxAttention(AttentionBase):
         raise EffxError(f"kv_cache.layout={cache_spec.layout} does not fit attention.kind={self.kind}")
 
     def attend_step(self, q, k, v, state, inputs):
-        if inputs.layout == "paged":
+        if self.cache_layout == "paged":
             return self._step_paged(q, k, v, state, inputs)
-        if inputs.layout == "ring":
+        if self.cache_layout == "ring":
             return self._step_ring(q, k, v, state, inputs)
         return self._step_contiguous(q, k, v, state, inputs)
 
@@ -181,7 +191,8 @@ class SoftmaxAttention(AttentionBase):
         k_pool, v_pool = write(k_pool, k), write(v_pool, v)
         seq_lens = inputs.lengths + inputs.new_lengths
         if self.paged_window is not None:
-            y = paged_attention(q, k_pool, v_pool, block_table, pos, seq_lens, self.paged_window, self.scale)
+            y = paged_attention(q, k_pool, v_pool, block_table, pos, seq_lens, self.paged_window, self.scale,
+                                self.softcap)
         else:
             k_all, v_all = gather_pages(k_pool, block_table), gather_pages(v_pool, block_table)
             y = self.attend(q, k_all, v_all, pos, paged_key_positions(seq_lens, k_all.shape[2]))

@@ -14,7 +14,7 @@ class BlockSparseAttention(SoftmaxAttention):
 
     def __init__(self, spec, layer_index, rope, shared=None):
         super().__init__(spec, layer_index, rope, shared)
-        a = spec.attention
+        a = self.params
         self.block_size, self.local_blocks = a.block_size, a.local_blocks
         self.global_blocks, self.stride_blocks = a.global_blocks, a.stride_blocks
 

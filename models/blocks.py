@@ -19,19 +19,36 @@ class RMSNorm(nn.Module):
         return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
 
 
+class GemmaRMSNorm(nn.Module):
+    """Gemma's RMSNorm: x / rms(x) * (1 + w), computed in float32 (w starts at 0)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps) * (1.0 + self.weight.float())
+        return h.to(x.dtype)
+
+
 def make_norm(kind: str, dim: int, eps: float | None = None) -> nn.Module:
     if kind == "rmsnorm":
         return RMSNorm(dim, 1e-6 if eps is None else eps)
+    if kind == "gemma_rmsnorm":
+        return GemmaRMSNorm(dim, 1e-6 if eps is None else eps)
     return nn.LayerNorm(dim, eps=1e-5 if eps is None else eps)
 
 
 class MLP(nn.Module):
-    """down(act(up(x))), or down(silu(gate(x)) * up(x)) for swiglu (Llama)."""
+    """down(act(up(x))), or a gated form down(act(gate(x)) * up(x)): swiglu (silu, Llama), geglu_tanh
+    (tanh-approximated gelu, Gemma)."""
 
     def __init__(self, d_model: int, d_ff: int, activation: str = "gelu_tanh", bias: bool = True):
         super().__init__()
         self.activation = activation
-        if activation == "swiglu":
+        if activation in ("swiglu", "geglu_tanh"):
             self.gate = nn.Linear(d_model, d_ff, bias=bias)
         self.up = nn.Linear(d_model, d_ff, bias=bias)
         self.down = nn.Linear(d_ff, d_model, bias=bias)
@@ -39,6 +56,8 @@ class MLP(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if self.activation == "swiglu":
             return self.down(F.silu(self.gate(x)) * self.up(x))
+        if self.activation == "geglu_tanh":
+            return self.down(F.gelu(self.gate(x), approximate="tanh") * self.up(x))
         return self.down(F.gelu(self.up(x), approximate="tanh" if self.activation == "gelu_tanh" else "none"))
 
 

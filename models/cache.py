@@ -102,5 +102,24 @@ class PagedCache(KVCache):
         return per_block * sum(self.blocks_used)
 
 
+@dataclass
+class HybridCache(PagedCache):
+    """Layers with different layouts (Gemma-style: ring buffers for local layers, contiguous or paged for global
+    ones, state for linear ones): `layouts[i]` is layer i's. The block table and allocator serve the paged
+    layers, when there are any (block_table is None otherwise)."""
+
+    layout: ClassVar[str] = "hybrid"
+    layouts: list[str] = field(default_factory=list)
+
+    def nbytes_in_use(self) -> int:
+        """Bytes of the paged layers' blocks in use plus every other layer's tensors."""
+        used = sum(self.blocks_used)
+        total = 0
+        for kind, layer in zip(self.layouts, self.layers, strict=True):
+            for t in layer.values():
+                total += t[0].numel() * t.element_size() * used if kind == "paged" else t.numel() * t.element_size()
+        return total
+
+
 def zeros_lengths(batch: int, device: torch.device | None = None) -> Tensor:
     return torch.zeros(batch, dtype=torch.int64, device=device)

@@ -16,10 +16,10 @@ class FullAttention(SoftmaxAttention):
 
     def __init__(self, spec, layer_index, rope, shared=None):
         super().__init__(spec, layer_index, rope, shared)
-        self.impl = spec.attention.impl
+        self.impl = self.params.impl
 
     def attend_sequence(self, q, k, v, positions, key_mask):
-        if key_mask is None and attention_impl(self.impl) == "sdpa":  # no padding: SDPA's own causal flag, no mask tensor
+        if key_mask is None and attention_impl(self.impl) == "sdpa" and not self.softcap:  # no padding: SDPA's own causal flag, no mask tensor
             n_rep = self.n_heads // self.n_kv_heads
             return F.scaled_dot_product_attention(
                 q, expand_kv(k, n_rep), expand_kv(v, n_rep), is_causal=self.causal, scale=self.scale
@@ -32,9 +32,9 @@ class FullAttention(SoftmaxAttention):
             allowed = causal_allowed(q_pos, k_pos)
         else:  # padding only; spelled out over the query axis (ONNX Runtime's Attention wants (.., Nq, Nk))
             allowed = split_positions(q_pos, k_pos)[2].expand(-1, -1, q.shape[2], -1)
-        if attention_impl(self.impl) == "sdpa":
+        if attention_impl(self.impl) == "sdpa" and not self.softcap:  # SDPA has no soft-capping
             n_rep = self.n_heads // self.n_kv_heads
             return F.scaled_dot_product_attention(
                 q, expand_kv(k, n_rep), expand_kv(v, n_rep), attn_mask=allowed, scale=self.scale
             )
-        return softmax_attention(q, k, v, allowed, self.scale)
+        return softmax_attention(q, k, v, allowed, self.scale, self.softcap)

@@ -45,14 +45,16 @@ from effx.core.atomic import atomic_dir
 from effx.core.errors import ArtifactError, SpecError
 from effx.core.registry import ATTENTION, compatible_layouts
 from effx.core.spec import RunSpec
+from effx.models import hf_decoders
 from effx.models.transformer import build_model, save_model
 
-SUPPORTED = ("bert", "roberta", "distilbert", "gpt2", "llama")
+SUPPORTED = ("bert", "roberta", "distilbert", "gpt2", "llama", *hf_decoders.FAMILIES)
 OVERRIDABLE_MODEL_FIELDS = ("model.max_seq_len", "model.seed")
 
 # an effx parameter a swapped attention kind adds (not in the HF checkpoint): anything on blocks.i.attn
 # except the four projections, or a model-wide shared tensor (layerwise Linformer E)
-_NEW_ATTENTION_PARAM = re.compile(r"^(blocks\.\d+\.attn\.(?!(q|k|v|o)_proj\.)[A-Za-z0-9_]+|shared\.[A-Za-z0-9_]+)$")
+_NEW_ATTENTION_PARAM = re.compile(
+    r"^(blocks\.\d+\.attn\.(?!(q|k|v|o)_proj\.|q_norm\.|k_norm\.)[A-Za-z0-9_]+|shared\.[A-Za-z0-9_]+)$")
 
 
 # ------------------------------------------------------------------------------------------------ spec
@@ -61,7 +63,8 @@ def hf_spec(config: dict[str, Any], overrides: dict[str, Any] | None = None, sou
     mtype = config.get("model_type")
     if mtype not in SUPPORTED:
         raise SpecError(f"{source}: model_type {mtype!r} is not supported; effx imports {', '.join(SUPPORTED)}")
-    model = _MODEL_FIELDS[mtype](config, source)
+    native = hf_decoders.spec_data(hf_decoders.text_config(config), source) if mtype in hf_decoders.FAMILIES else None
+    model = native["model"] if native else _MODEL_FIELDS[mtype](config, source)
     overrides = dict(overrides or {})
     for key in overrides:
         if key.startswith("model.") and key not in OVERRIDABLE_MODEL_FIELDS:
@@ -77,6 +80,9 @@ def hf_spec(config: dict[str, Any], overrides: dict[str, Any] | None = None, sou
         raise SpecError(
             f"model.max_seq_len={new_max} exceeds the {hf_max} learned positions in {source}; choose <= {hf_max}"
         )
+    if native is not None and "attention.kind" not in overrides:  # the checkpoint's own per-layer attention
+        base = RunSpec.parse({k: v for k, v in native.items()}, source=source)
+        return base.with_overrides(overrides, source=f"{source} (with overrides)") if overrides else base
     layout = "none"
     if model["family"] == "decoder":
         layout = "contiguous"
@@ -354,14 +360,17 @@ _MAPPERS = {"bert": _map_post_norm_encoder, "roberta": _map_post_norm_encoder, "
 def hf_state_dict(config: dict[str, Any], state: dict[str, Any], spec: RunSpec, source: str = "checkpoint") -> dict:
     """Map an HF state dict onto effx names (the keys of a full-attention EffxModel for `spec`)."""
     mtype = config["model_type"]
+    if mtype in hf_decoders.FAMILIES:
+        return hf_decoders.map_weights(_Checkpoint(state, hf_decoders.prefixes(config), source), spec, config)
     ck = _Checkpoint(state, _PREFIXES[mtype], source)
     return _MAPPERS[mtype](ck, spec, config)
 
 
 def load_mapped(model, state: dict[str, Any], source: str = "checkpoint") -> None:
-    """Load mapped weights: strict for full attention; for a swapped kind, only that kind's new parameters
-    (blocks.i.attn.<not q/k/v/o_proj>, shared.*) may be missing, and nothing may be left over."""
-    if model.spec.attention.kind == "full":
+    """Load mapped weights: strict where the checkpoint's attention is kept; for a swapped kind, only that
+    kind's new parameters (blocks.i.attn.<not q/k/v/o_proj, q/k_norm>, shared.*) may be missing, and nothing may
+    be left over."""
+    if set(model.spec.kinds) <= {"full", "local"}:
         try:
             model.load_state_dict(state, strict=True)
         except RuntimeError as exc:
@@ -375,7 +384,7 @@ def load_mapped(model, state: dict[str, Any], source: str = "checkpoint") -> Non
     if bad_missing or result.unexpected_keys:
         what = (f"missing {', '.join(bad_missing[:4])}" if bad_missing else
                 f"unexpected {', '.join(result.unexpected_keys[:4])}")
-        raise ArtifactError(f"{source}: weights do not fit attention.kind={model.spec.attention.kind} ({what}); "
+        raise ArtifactError(f"{source}: weights do not fit attention.kind={model.spec.attention_summary()} ({what}); "
                             "only the new attention parameters may stay at effx's initialisation")
 
 
@@ -399,7 +408,9 @@ def import_hf(path: str | Path, overrides: dict[str, Any] | None = None):
     mapped = hf_state_dict(config, state, spec, source=str(folder))
     model = build_model(spec)
     load_mapped(model, mapped, source=str(folder))
-    model.origin = {"hf": str(folder.resolve()), "model_type": config["model_type"]}  # saved as origin.json
+    native = hf_spec(config, {"model.max_seq_len": spec.model.max_seq_len}, source=source).attention_summary()
+    # saved as origin.json: validate measures the drift of a swapped attention from the checkpoint's own
+    model.origin = {"hf": str(folder.resolve()), "model_type": config["model_type"], "attention": native}
     return model.eval()
 
 

@@ -41,7 +41,7 @@ class HierarchicalAttention(AttentionBase):
 
     def __init__(self, spec, layer_index, rope, shared=None):
         super().__init__(spec, layer_index, rope, shared)
-        self.factor = hourglass_schedule(spec.model.n_layers, spec.attention.factors)[layer_index]
+        self.factor = hourglass_schedule(spec.model.n_layers, self.params.factors)[layer_index]
 
     def attend_sequence(self, q, k, v, positions, key_mask):
         # pooled softmax attention at 1/f resolution, each position reads its group's output

@@ -21,7 +21,7 @@ class LinearAttention(AttentionBase):
 
     def __init__(self, spec, layer_index, rope, shared=None):
         super().__init__(spec, layer_index, rope, shared)
-        a = spec.attention
+        a = self.params
         self.feature_map, self.eps = a.feature_map, a.eps
         self.n_features = a.nb_features if a.feature_map == "favor" else self.head_dim
         if a.feature_map == "favor":

@@ -28,7 +28,7 @@ class LinformerAttention(AttentionBase):
 
     def __init__(self, spec, layer_index, rope, shared=None):
         super().__init__(spec, layer_index, rope, shared)
-        a, m = spec.attention, spec.model
+        a, m = self.params, spec.model
         self.sharing, self.max_seq_len = a.sharing, m.max_seq_len
         heads = m.n_heads if a.sharing == "none" else 1
         if a.sharing in ("none", "headwise"):

@@ -17,9 +17,9 @@ class LocalAttention(SoftmaxAttention):
 
     def __init__(self, spec, layer_index, rope, shared=None):
         super().__init__(spec, layer_index, rope, shared)
-        self.window = spec.attention.window
+        self.window = self.params.window
         self.paged_window = self.window if self.causal else None
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: Tensor) -> Tensor:
         # softmax over {j : q_pos - w < k_pos <= q_pos} (causal) of (scale Q) K^T, times V
-        return local_attention(q, k, v, q_pos, k_pos, self.window, self.causal, self.scale)
+        return local_attention(q, k, v, q_pos, k_pos, self.window, self.causal, self.scale, self.softcap)

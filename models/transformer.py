@@ -18,6 +18,7 @@ from effx.models.block_sparse import BlockSparseAttention
 from effx.models.blocks import MLP, Rotary, make_norm
 from effx.models.cache import (
     ContiguousCache,
+    HybridCache,
     KVCache,
     MultiscaleCache,
     PagedCache,
@@ -43,16 +44,24 @@ CACHE_CLASSES: dict[str, type[KVCache]] = {
 
 class Block(nn.Module):
     """Transformer block. Pre-norm: x + attn(norm1(x)), then x + mlp(norm2(x)).
-    Post-norm (BERT): norm1(x + attn(x)), then norm2(x + mlp(x))."""
+    Post-norm (BERT): norm1(x + attn(x)), then norm2(x + mlp(x)).
+    Sandwich (Gemma 2/3): x + norm1_post(attn(norm1(x))), then x + norm2_post(mlp(norm2(x)))."""
 
     def __init__(self, spec: RunSpec, index: int, rope: nn.Module | None, shared: nn.ParameterDict):
         super().__init__()
         m = spec.model
         self.post_norm = m.norm_position == "post"
         self.norm1 = make_norm(m.norm, m.d_model, m.norm_eps)
-        self.attn = ATTENTION_CLASSES[spec.attention.kind](spec, index, rope, shared)
+        self.attn = ATTENTION_CLASSES[spec.layer(index).attention.kind](spec, index, rope, shared)
         self.norm2 = make_norm(m.norm, m.d_model, m.norm_eps)
         self.mlp = MLP(m.d_model, m.d_ff, m.activation, m.bias)
+        if m.norm_position == "sandwich":
+            self.norm1_post = make_norm(m.norm, m.d_model, m.norm_eps)
+            self.norm2_post = make_norm(m.norm, m.d_model, m.norm_eps)
+
+    def _post(self, name: str, x: Tensor) -> Tensor:
+        norm = getattr(self, name, None)
+        return x if norm is None else norm(x)
 
     def forward(self, x: Tensor, positions: Tensor | None = None, key_mask: Tensor | None = None, *,
                 state: LayerState | None = None, inputs: StepInputs | None = None):
@@ -63,8 +72,8 @@ class Block(nn.Module):
         if self.post_norm:
             x = self.norm1(x + self.attn(x, positions, key_mask))
             return self.norm2(x + self.mlp(x))
-        x = x + self.attn(self.norm1(x), positions, key_mask)
-        return x + self.mlp(self.norm2(x))
+        x = x + self._post("norm1_post", self.attn(self.norm1(x), positions, key_mask))
+        return x + self._post("norm2_post", self.mlp(self.norm2(x)))
 
     def step(self, x: Tensor, state: LayerState, inputs: StepInputs) -> tuple[Tensor, LayerState]:
         if self.post_norm:
@@ -72,8 +81,8 @@ class Block(nn.Module):
             x = self.norm1(x + a)
             return self.norm2(x + self.mlp(x)), state
         a, state = self.attn.step(self.norm1(x), state, inputs)
-        x = x + a
-        return x + self.mlp(self.norm2(x)), state
+        x = x + self._post("norm1_post", a)
+        return x + self._post("norm2_post", self.mlp(self.norm2(x))), state
 
 
 class EffxModel(nn.Module):
@@ -83,15 +92,30 @@ class EffxModel(nn.Module):
         self.spec = spec
         self.embed = nn.Embedding(m.vocab_size, m.d_model)
         self.pos_embed = nn.Embedding(m.max_seq_len, m.d_model) if m.pos_encoding == "learned" else None
-        self.rope = Rotary(m.head_dim, m.max_seq_len, m.rope_theta, m.rope_scaling) if m.pos_encoding == "rope" else None
+        layers = spec.resolved_layers()
+        # one rotary table per RoPE base in use (Gemma 3: local and global layers differ); buffers, not weights
+        self.ropes = nn.ModuleList()
+        rope_of: list[int] = []  # layer -> index of its rotary table
+        if m.pos_encoding == "rope":
+            kinds: list[tuple] = []
+            for layer in layers:
+                key = (layer.rope_theta, layer.rope_scaling)
+                if key not in kinds:
+                    kinds.append(key)
+                    self.ropes.append(Rotary(m.head_dim, m.max_seq_len, layer.rope_theta, layer.rope_scaling))
+                rope_of.append(kinds.index(key))
         self.embed_norm = make_norm(m.norm, m.d_model, m.norm_eps) if m.embed_norm else None
         self.shared = nn.ParameterDict()
-        a = spec.attention
-        if a.kind == "linformer" and a.sharing == "layerwise":
-            self.shared["linformer_e"] = init_projection(1, a.k, m.max_seq_len)  # one E for all layers
-        self.blocks = nn.ModuleList(Block(spec, i, self.rope, self.shared) for i in range(m.n_layers))
+        layerwise = [layer.attention for layer in layers
+                     if layer.attention.kind == "linformer" and layer.attention.sharing == "layerwise"]
+        if layerwise:  # one E for every layerwise-shared Linformer layer
+            self.shared["linformer_e"] = init_projection(1, layerwise[0].k, m.max_seq_len)
+        self.blocks = nn.ModuleList(
+            Block(spec, i, self.ropes[rope_of[i]] if rope_of else None, self.shared)
+            for i in range(m.n_layers))
         self.norm = make_norm(m.norm, m.d_model, m.norm_eps) if m.final_norm else None
-        self.lm_head = nn.Linear(m.d_model, m.vocab_size, bias=False) if m.family == "decoder" else None
+        self.lm_head = (nn.Linear(m.d_model, m.vocab_size, bias=False)
+                        if m.family == "decoder" and not m.tie_embeddings else None)
 
     @property
     def family(self) -> str:
@@ -99,14 +123,24 @@ class EffxModel(nn.Module):
 
     def embed_tokens(self, input_ids: Tensor, positions: Tensor) -> Tensor:
         x = self.embed(input_ids)  # (B,N,C)
+        if self.spec.model.embed_scale is not None:  # Gemma: sqrt(d_model), rounded to the weights' dtype
+            x = x * torch.tensor(self.spec.model.embed_scale, dtype=x.dtype)
         if self.pos_embed is not None:
             x = x + self.pos_embed(positions)
         return x if self.embed_norm is None else self.embed_norm(x)
 
     def head(self, x: Tensor) -> Tensor:
+        """Hidden states (B,N,C) of an encoder, logits (B,N,V) of a decoder (tied: the embedding matrix;
+        soft-capped: c tanh(z / c))."""
+        m = self.spec.model
         if self.norm is not None:
             x = self.norm(x)
-        return x if self.lm_head is None else self.lm_head(x)  # hidden states (B,N,C) or logits (B,N,V)
+        if m.family != "decoder":
+            return x
+        logits = x @ self.embed.weight.T if m.tie_embeddings else self.lm_head(x)
+        if m.final_softcap is not None:
+            logits = torch.tanh(logits / m.final_softcap) * m.final_softcap
+        return logits
 
     # -- whole sequence ---------------------------------------------------------------------------------
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
@@ -124,6 +158,8 @@ class EffxModel(nn.Module):
 
     # -- incremental decoding ---------------------------------------------------------------------------
     def empty_cache(self, batch: int, device: torch.device | None = None, dtype: torch.dtype | None = None) -> KVCache:
+        """The cache before the first token: each layer's state in its own layout (one class per layout, or a
+        HybridCache when layers differ)."""
         c = self.spec.kv_cache
         if self.family != "decoder" or c.layout == "none":
             raise EffxError(
@@ -132,20 +168,27 @@ class EffxModel(nn.Module):
             )
         device = device or self.embed.weight.device
         dtype = dtype or self.embed.weight.dtype
-        layers = [blk.attn.empty_state(batch, c, dtype, device) for blk in self.blocks]
+        specs = [layer.kv_cache for layer in self.spec.resolved_layers()]
+        layers = [blk.attn.empty_state(batch, spec, dtype, device) for blk, spec in zip(self.blocks, specs, strict=True)]
         lengths = zeros_lengths(batch, device)
-        if c.layout == "paged":
-            max_blocks = -(-self.spec.model.max_seq_len // c.block_size)
-            return PagedCache(lengths, layers, block_table=torch.zeros(batch, max_blocks, dtype=torch.int64,
-                                                                       device=device),
-                              block_size=c.block_size, free_blocks=list(range(c.num_blocks)),
-                              blocks_used=[0] * batch)
-        if c.layout == "ring":
+        layout = self.spec.cache_layout
+        paged = next((spec for spec in specs if spec.layout == "paged"), None)
+        book = {}
+        if paged is not None:  # one block table and allocator for every paged layer
+            max_blocks = -(-self.spec.model.max_seq_len // paged.block_size)
+            book = dict(block_table=torch.zeros(batch, max_blocks, dtype=torch.int64, device=device),
+                        block_size=paged.block_size, free_blocks=list(range(paged.num_blocks)),
+                        blocks_used=[0] * batch)
+        if layout == "hybrid":
+            return HybridCache(lengths, layers, layouts=[spec.layout for spec in specs], **book)
+        if layout == "paged":
+            return PagedCache(lengths, layers, **book)
+        if layout == "ring":
             return RingCache(lengths, layers, window=layers[0]["key"].shape[2])
-        if c.layout == "multiscale":
+        if layout == "multiscale":
             a = self.spec.attention
             return MultiscaleCache(lengths, layers, factors=hourglass_schedule(self.spec.model.n_layers, a.factors))
-        return CACHE_CLASSES[c.layout](lengths, layers)
+        return CACHE_CLASSES[layout](lengths, layers)
 
     def step(self, input_ids: Tensor, cache: KVCache, new_lengths: Tensor | None = None) -> tuple[Tensor, KVCache]:
         """Run new tokens (B,S) against the cache: logits (B,S,V) and the next cache. A prompt of several
@@ -160,7 +203,7 @@ class EffxModel(nn.Module):
                 f"decoding to position {longest} exceeds model.max_seq_len={self.spec.model.max_seq_len}"
             )
         block_table = None
-        if isinstance(cache, PagedCache):
+        if isinstance(cache, PagedCache) and cache.block_table is not None:
             cache = cache.reserve(s)
             block_table = cache.block_table
         fresh = bool((cache.lengths == 0).all())
@@ -175,7 +218,7 @@ class EffxModel(nn.Module):
         promises an empty cache."""
         b, s = input_ids.shape
         q_pos = lengths[:, None] + torch.arange(s, device=input_ids.device)[None, :]  # (B,S)
-        inputs = StepInputs(self.spec.kv_cache.layout, lengths, q_pos, new_lengths, block_table, fresh)
+        inputs = StepInputs(lengths, q_pos, new_lengths, block_table, fresh)
         x = self.embed_tokens(input_ids, q_pos)
         new_layers = []
         for block, state in zip(self.blocks, layers, strict=True):

@@ -19,8 +19,10 @@ def expand_kv(x: Tensor, n_rep: int) -> Tensor:
     return x if n_rep == 1 else x.repeat_interleave(n_rep, dim=1)
 
 
-def softmax_attention(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor | None, scale: float) -> Tensor:
-    """softmax((scale Q) K^T, masked) V.
+def softmax_attention(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor | None, scale: float,
+                      softcap: float = 0.0) -> Tensor:
+    """softmax(cap((scale Q) K^T), masked) V, with cap(s) = softcap * tanh(s / softcap) when softcap > 0
+    (attention-logit soft-capping, Gemma 2) and cap(s) = s otherwise.
 
     q: (B, H, Nq, D); k, v: (B, H_kv, Nk, D); allowed: bool, broadcastable to (B, H, Nq, Nk).
     Q is scaled before the product (TensorRT's MHA fusion needs that form). Masked scores get MASK_VALUE
@@ -29,6 +31,8 @@ def softmax_attention(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor | None, s
     n_rep = q.shape[1] // k.shape[1]
     k, v = expand_kv(k, n_rep), expand_kv(v, n_rep)
     scores = (q * scale) @ k.transpose(-1, -2)  # (B, H, Nq, Nk)
+    if softcap > 0:
+        scores = torch.tanh(scores / softcap) * softcap
     if allowed is not None:
         scores = scores.masked_fill(~allowed, MASK_VALUE)
     return torch.softmax(scores, dim=-1) @ v  # (B, H, Nq, D)

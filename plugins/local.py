@@ -23,15 +23,16 @@ def local_allowed(q_pos: Tensor, k_pos: Tensor, window: int, causal: bool) -> Te
 
 
 def local_attention_reference(
-    q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: Tensor, window: int, causal: bool, scale: float
+    q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: Tensor, window: int, causal: bool, scale: float,
+    softcap: float = 0.0,
 ) -> Tensor:
-    # q (B,H,Nq,D), k/v (B,H_kv,Nk,D), q_pos (B,Nq), k_pos (B,Nk) with -1 = empty slot
-    return softmax_attention(q, k, v, local_allowed(q_pos, k_pos, window, causal), scale)
+    # q (B,H,Nq,D), k/v (B,H_kv,Nk,D), q_pos (B,Nq), k_pos (B,Nk) with -1 = empty slot; softcap 0 = off
+    return softmax_attention(q, k, v, local_allowed(q_pos, k_pos, window, causal), scale, softcap)
 
 
 def local_attention_blocked(
     q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: Tensor, window: int, causal: bool, scale: float,
-    block: int = 128,
+    softcap: float = 0.0, block: int = 128,
 ) -> Tensor:
     """The same attention for a whole sequence (q_pos[b, i] = i, k_pos[b, j] in {j, -1}), one query block at a
     time against only the keys its window can reach: O(n (block + 2w)) memory instead of O(n^2)."""
@@ -44,7 +45,7 @@ def local_attention_blocked(
         lo = max(0, start - window + 1)
         hi = end if causal else min(n, end + window - 1)
         allowed = local_allowed(q_pos[:, start:end], k_pos[:, lo:hi], window, causal)  # (B,1,bq,bk)
-        y = softmax_attention(q[:, :, start:end], k[:, :, lo:hi], v[:, :, lo:hi], allowed, scale)
+        y = softmax_attention(q[:, :, start:end], k[:, :, lo:hi], v[:, :, lo:hi], allowed, scale, softcap)
         out[:, :, start:end] = torch.where(allowed.any(-1, keepdim=True), y, v_mean)
     return out
 
@@ -58,17 +59,18 @@ def _whole_sequence(q_pos: Tensor, k_pos: Tensor) -> bool:
 
 @torch.library.custom_op("effx::local_attention", mutates_args=())
 def local_attention(
-    q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: Tensor, window: int, causal: bool, scale: float
+    q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: Tensor, window: int, causal: bool, scale: float,
+    softcap: float = 0.0,
 ) -> Tensor:
     # CPU: a whole sequence longer than a few windows takes the blocked path (same math, less memory);
     # caches (ring slots, offsets) take the reference
     if q.shape[2] > 2 * window + 128 and _whole_sequence(q_pos, k_pos):
-        return local_attention_blocked(q, k, v, q_pos, k_pos, window, causal, scale)
-    return local_attention_reference(q, k, v, q_pos, k_pos, window, causal, scale)
+        return local_attention_blocked(q, k, v, q_pos, k_pos, window, causal, scale, softcap)
+    return local_attention_reference(q, k, v, q_pos, k_pos, window, causal, scale, softcap)
 
 
 @local_attention.register_fake
-def _(q, k, v, q_pos, k_pos, window, causal, scale):
+def _(q, k, v, q_pos, k_pos, window, causal, scale, softcap=0.0):
     return torch.empty_like(q)
 
 
@@ -80,12 +82,14 @@ def _body(b, static):
     window = b.attr_int("window")  # attribute references stay in the function body, not in the branches
     scale = b.attr_float_like("scale", "q")
     causal = bool(static["causal"])  # structural: a causal band needs the previous key block only
+    softcap = b.attr_float_like("softcap", "q") if static["softcap"] > 0 else None  # structural: on or off
 
     dense = type(b)(f"{b.prefix}_dense")
     qp, kp, valid = dense.positions("q_pos", "k_pos")
-    y_dense = dense.softmax_attention("q", "k", "v", dense.window_mask(qp, kp, valid, window, causal), scale=scale)
+    y_dense = dense.softmax_attention("q", "k", "v", dense.window_mask(qp, kp, valid, window, causal), scale=scale,
+                                      softcap=softcap)
     banded = type(b)(f"{b.prefix}_banded")
-    y_banded = _banded(banded, window, scale, causal)
+    y_banded = _banded(banded, window, scale, causal, softcap)
 
     def branch(body, y, name):
         return helper.make_graph(body.nodes, name, [], [helper.make_empty_tensor_value_info(y)])
@@ -114,7 +118,7 @@ def _whole_long_sequence(b, window: str) -> str:
     return b.op("Squeeze", cond)
 
 
-def _banded(b, window: str, scale: str, causal: bool) -> str:
+def _banded(b, window: str, scale: str, causal: bool, softcap: str | None) -> str:
     """Queries in blocks of w against the previous and own key block (causal: 2w keys), and the next one
     (symmetric: 3w keys): scores (B, H, n/w, w, 2w or 3w) instead of (B, H, n, n). A query with no allowed key gets the mean of every value,
     as in the dense form."""
@@ -154,7 +158,7 @@ def _banded(b, window: str, scale: str, causal: bool) -> str:
     qp5 = b.op("Unsqueeze", qp, b.ints(1, 4))  # (B,1,nb,w,1)
     kp5 = b.op("Unsqueeze", kp, b.ints(1, 3))  # (B,1,nb,1,2w|3w)
     allowed = b.window_mask(qp5, kp5, b.op("GreaterOrEqual", kp5, b.ints(0)), window, causal)
-    scores = b.op("MatMul", b.op("Mul", q_blocks, scale), b.op("Transpose", k3, perm=[0, 1, 2, 4, 3]))
+    scores = b.cap(b.op("MatMul", b.op("Mul", q_blocks, scale), b.op("Transpose", k3, perm=[0, 1, 2, 4, 3])), softcap)
     scores = b.op("Where", allowed, scores, b.float_like(MASK_VALUE, scores))
     y = b.op("MatMul", b.op("Softmax", scores, axis=-1), v3)  # (B,H,nb,w,D)
     any_key = b.op("Cast", b.op("ReduceMax", b.op("Cast", allowed, to=TensorProto.INT32), b.ints(-1), keepdims=1),
@@ -169,8 +173,9 @@ def _int64_scalar(value: int):
     return helper.make_tensor("c", TensorProto.INT64, [], [value])
 
 
-def _translation(q, k, v, q_pos, k_pos, window: int, causal: bool, scale: float):
-    return node_op("LocalAttention")(q, k, v, q_pos, k_pos, window=window, causal=int(causal), scale=scale)
+def _translation(q, k, v, q_pos, k_pos, window: int, causal: bool, scale: float, softcap: float = 0.0):
+    return node_op("LocalAttention")(q, k, v, q_pos, k_pos, window=window, causal=int(causal), scale=scale,
+                                     softcap=softcap)
 
 
 SPEC = register_op(
@@ -179,12 +184,12 @@ SPEC = register_op(
         torch_op=local_attention,
         inputs=("q", "k", "v", "q_pos", "k_pos"),
         outputs=("y",),
-        attributes={"window": int, "causal": bool, "scale": float},
+        attributes={"window": int, "causal": bool, "scale": float, "softcap": float},
         reference=local_attention_reference,
         summary="sliding-window softmax attention over absolute positions",
         build_body=_body,
         translation=_translation,
-        structural=("causal",),
+        structural=("causal", "softcap"),
         cuda_kernel=("attention", "local_attention"),
     )
 )

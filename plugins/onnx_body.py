@@ -92,15 +92,22 @@ class Body:
         return self.op("Reshape", expanded, self.op("Concat", b, hq, n, d, axis=0))
 
     def softmax_attention(self, q: str, k: str, v: str, allowed: str | None, scale_attr: str = "scale",
-                          scale: str | None = None) -> str:
-        """softmax((scale Q) K^T, masked) V; Q is scaled before the first MatMul (TensorRT's MHA fusion needs that).
-        `scale` (a value) replaces the attribute inside If branches, where attribute references cannot go."""
+                          scale: str | None = None, softcap: str | None = None) -> str:
+        """softmax(cap((scale Q) K^T), masked) V; Q is scaled before the first MatMul (TensorRT's MHA fusion needs
+        that). `scale` (a value) replaces the attribute inside If branches, where attribute references cannot go;
+        `softcap` (a value) caps the scores: softcap * tanh(s / softcap)."""
         k, v = self.expand_kv(k, q), self.expand_kv(v, q)
         qs = self.op("Mul", q, scale if scale is not None else self.attr_float_like(scale_attr, q))
-        scores = self.op("MatMul", qs, self.op("Transpose", k, perm=[0, 1, 3, 2]))  # (B,H,Nq,Nk)
+        scores = self.cap(self.op("MatMul", qs, self.op("Transpose", k, perm=[0, 1, 3, 2])), softcap)  # (B,H,Nq,Nk)
         if allowed is not None:
             scores = self.op("Where", allowed, scores, self.float_like(MASK_VALUE, scores))
         return self.op("MatMul", self.op("Softmax", scores, axis=-1), v)
+
+    def cap(self, scores: str, softcap: str | None) -> str:
+        """Attention-logit soft-capping, softcap * tanh(scores / softcap); None: scores unchanged."""
+        if softcap is None:
+            return scores
+        return self.op("Mul", self.op("Tanh", self.op("Div", scores, softcap)), softcap)
 
     def positions(self, q_pos: str, k_pos: str) -> tuple[str, str, str]:
         """(B,Nq), (B,Nk) -> query (B,1,Nq,1), key (B,1,1,Nk) positions and key validity."""

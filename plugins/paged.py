@@ -34,26 +34,26 @@ def paged_key_positions(seq_lens: Tensor, length: int) -> Tensor:
 
 def paged_attention_reference(
     q: Tensor, k_pool: Tensor, v_pool: Tensor, block_table: Tensor, q_pos: Tensor, seq_lens: Tensor,
-    window: int, scale: float,
+    window: int, scale: float, softcap: float = 0.0,
 ) -> Tensor:
     # q (B,H,S,D) at positions q_pos (B,S); pools (num_blocks,bs,H_kv,D); block_table (B,max_blocks)
     k = gather_pages(k_pool, block_table)  # (B,H_kv,L,D), L = max_blocks * bs
     v = gather_pages(v_pool, block_table)
     k_pos = paged_key_positions(seq_lens, k.shape[2])  # (B,L)
     return softmax_attention(q, k, v, local_allowed(q_pos, k_pos, window if window > 0 else k.shape[2] + 1, True),
-                             scale)
+                             scale, softcap)
 
 
 @torch.library.custom_op("effx::paged_attention", mutates_args=())
 def paged_attention(
     q: Tensor, k_pool: Tensor, v_pool: Tensor, block_table: Tensor, q_pos: Tensor, seq_lens: Tensor,
-    window: int, scale: float,
+    window: int, scale: float, softcap: float = 0.0,
 ) -> Tensor:
-    return paged_attention_reference(q, k_pool, v_pool, block_table, q_pos, seq_lens, window, scale)
+    return paged_attention_reference(q, k_pool, v_pool, block_table, q_pos, seq_lens, window, scale, softcap)
 
 
 @paged_attention.register_fake
-def _(q, k_pool, v_pool, block_table, q_pos, seq_lens, window, scale):
+def _(q, k_pool, v_pool, block_table, q_pos, seq_lens, window, scale, softcap=0.0):
     return torch.empty_like(q)
 
 
@@ -73,12 +73,14 @@ def _body(b, static):
     qp, kp, valid = b.positions("q_pos", k_pos)
     w = b.attr_int("window")
     w = b.op("Where", b.op("Equal", w, b.ints(0)), b.op("Add", length, b.ints(1)), w)  # 0: no window
-    b.output(b.softmax_attention("q", k, v, b.window_mask(qp, kp, valid, w, causal=True)), "y")
+    softcap = b.attr_float_like("softcap", "q") if static["softcap"] > 0 else None
+    b.output(b.softmax_attention("q", k, v, b.window_mask(qp, kp, valid, w, causal=True), softcap=softcap), "y")
     return ["q", "k_pool", "v_pool", "block_table", "q_pos", "seq_lens"], ["y"]
 
 
-def _translation(q, k_pool, v_pool, block_table, q_pos, seq_lens, window: int, scale: float):
-    return node_op("PagedAttention")(q, k_pool, v_pool, block_table, q_pos, seq_lens, window=window, scale=scale)
+def _translation(q, k_pool, v_pool, block_table, q_pos, seq_lens, window: int, scale: float, softcap: float = 0.0):
+    return node_op("PagedAttention")(q, k_pool, v_pool, block_table, q_pos, seq_lens, window=window, scale=scale,
+                                     softcap=softcap)
 
 
 SPEC = register_op(
@@ -87,11 +89,12 @@ SPEC = register_op(
         torch_op=paged_attention,
         inputs=("q", "k_pool", "v_pool", "block_table", "q_pos", "seq_lens"),
         outputs=("y",),
-        attributes={"window": int, "scale": float},
+        attributes={"window": int, "scale": float, "softcap": float},
         reference=paged_attention_reference,
         summary="causal (optionally windowed) attention over a paged KV block pool",
         build_body=_body,
         translation=_translation,
+        structural=("softcap",),
         cuda_kernel=("attention", "paged_attention"),
     )
 )

@@ -22,9 +22,10 @@ def _linear(x: Tensor, sd: dict, name: str) -> Tensor:
 
 
 def _norm(x: Tensor, sd: dict, name: str, kind: str, eps: float | None) -> Tensor:
-    if kind == "rmsnorm":
+    if kind in ("rmsnorm", "gemma_rmsnorm"):
         eps = 1e-6 if eps is None else eps
-        return x / torch.sqrt((x * x).mean(-1, keepdim=True) + eps) * sd[f"{name}.weight"]
+        w = sd[f"{name}.weight"] + (1.0 if kind == "gemma_rmsnorm" else 0.0)  # Gemma: (1 + w)
+        return x / torch.sqrt((x * x).mean(-1, keepdim=True) + eps) * w
     eps = 1e-5 if eps is None else eps
     mu = x.mean(-1, keepdim=True)
     var = ((x - mu) ** 2).mean(-1, keepdim=True)
@@ -36,6 +37,9 @@ def _mlp(x: Tensor, sd: dict, p: str, activation: str) -> Tensor:
     if activation == "swiglu":
         gate = _linear(x, sd, f"{p}.gate")
         h = gate * torch.sigmoid(gate) * up
+    elif activation == "geglu_tanh":
+        g = _linear(x, sd, f"{p}.gate")
+        h = 0.5 * g * (1 + torch.tanh(math.sqrt(2 / math.pi) * (g + 0.044715 * g**3))) * up
     elif activation == "gelu":
         h = 0.5 * up * (1 + torch.erf(up / math.sqrt(2)))
     else:  # gelu_tanh
@@ -74,9 +78,12 @@ def _allowed(kind: str, a, i: Tensor, j: Tensor, causal: bool) -> Tensor:
     return (j <= i) if causal else torch.ones_like(i * j, dtype=torch.bool)
 
 
-def _softmax_attention(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor, scale: float) -> Tensor:
-    """q (H,Nq,D), k/v (H,Nk,D) (one sequence, KV heads already mapped), allowed (Nq,Nk) bool."""
+def _softmax_attention(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor, scale: float, cap: float = 0.0) -> Tensor:
+    """q (H,Nq,D), k/v (H,Nk,D) (one sequence, KV heads already mapped), allowed (Nq,Nk) bool; cap > 0: scores
+    soft-capped to cap * tanh(s / cap) (Gemma 2)."""
     s = torch.einsum("hqd,hkd->hqk", q, k) * scale
+    if cap:
+        s = cap * torch.tanh(s / cap)
     s = torch.where(allowed, s, torch.full_like(s, NEG))
     return torch.einsum("hqk,hkd->hqd", torch.softmax(s, -1), v)
 
@@ -94,19 +101,25 @@ def _phi(x: Tensor, a, omega: Tensor | None, is_query: bool) -> Tensor:
 
 def attention(sd: dict, spec, layer: int, x: Tensor, key_mask: Tensor | None) -> Tensor:
     """One attention layer (projections included) on x (B,N,C)."""
-    m, a = spec.model, spec.attention
+    m = spec.model
+    lay = spec.layer(layer)
+    a = lay.attention
     p = f"blocks.{layer}.attn"
     b, n, _ = x.shape
     h, hkv, d = m.n_heads, m.kv_heads, m.head_dim
     q = _linear(x, sd, f"{p}.q_proj").view(b, n, h, d).transpose(1, 2)
     k = _linear(x, sd, f"{p}.k_proj").view(b, n, hkv, d).transpose(1, 2)
     v = _linear(x, sd, f"{p}.v_proj").view(b, n, hkv, d).transpose(1, 2)
+    if m.qk_norm:  # per head, before RoPE
+        kind = m.norm if m.norm != "layernorm" else "rmsnorm"
+        q, k = _norm(q, sd, f"{p}.q_norm", kind, m.norm_eps), _norm(k, sd, f"{p}.k_norm", kind, m.norm_eps)
     pos = torch.arange(n)[None].expand(b, n)
-    if m.pos_encoding == "rope":
-        q, k = _rope(q, pos, m.rope_theta, m.rope_scaling), _rope(k, pos, m.rope_theta, m.rope_scaling)
+    if m.pos_encoding == "rope":  # this layer's own base and scaling
+        q, k = _rope(q, pos, lay.rope_theta, lay.rope_scaling), _rope(k, pos, lay.rope_theta, lay.rope_scaling)
     group = h // hkv
     kv_of = [hh // group for hh in range(h)]  # query head hh reads KV head hh // (H / H_kv)
-    scale = 1 / math.sqrt(d)
+    scale = m.attn_scale if m.attn_scale is not None else 1 / math.sqrt(d)
+    cap = m.attn_softcap or 0.0
     causal = m.family == "decoder"
     valid = torch.ones(b, n, dtype=torch.bool) if key_mask is None else key_mask.bool()
     i, j = torch.arange(n)[:, None], torch.arange(n)[None, :]
@@ -114,7 +127,8 @@ def attention(sd: dict, spec, layer: int, x: Tensor, key_mask: Tensor | None) ->
     for bi in range(b):
         qb, kb, vb = q[bi], k[bi][kv_of], v[bi][kv_of]  # (H,N,D)
         if a.kind in ("full", "local", "block_sparse"):
-            out[bi] = _softmax_attention(qb, kb, vb, _allowed(a.kind, a, i, j, causal) & valid[bi][None, :], scale)
+            out[bi] = _softmax_attention(qb, kb, vb, _allowed(a.kind, a, i, j, causal) & valid[bi][None, :], scale,
+                                         cap)
         elif a.kind == "linformer":
             e, f = _linformer_projections(sd, spec, layer)
             keep = valid[bi][None, :, None].to(x.dtype)  # padded keys and values are zero before projecting
@@ -140,7 +154,7 @@ def attention(sd: dict, spec, layer: int, x: Tensor, key_mask: Tensor | None) ->
 def _linformer_projections(sd: dict, spec, layer: int) -> tuple[Tensor, Tensor]:
     """(heads or 1, k, max_len) E and F per the sharing mode (Linformer §4)."""
     p = f"blocks.{layer}.attn"
-    sharing = spec.attention.sharing
+    sharing = spec.layer(layer).attention.sharing
     if sharing == "layerwise":
         return sd["shared.linformer_e"], sd["shared.linformer_e"]
     if sharing == "kv":
@@ -195,21 +209,33 @@ def forward(model, input_ids: Tensor, attention_mask: Tensor | None = None) -> T
     sd = {k: v.detach().float() for k, v in model.state_dict().items()}
     n = input_ids.shape[1]
     x = sd["embed.weight"][input_ids]
+    if m.embed_scale is not None:
+        x = x * m.embed_scale
     if m.pos_encoding == "learned":
         x = x + sd["pos_embed.weight"][:n]
     if m.embed_norm:
         x = _norm(x, sd, "embed_norm", m.norm, m.norm_eps)
     for layer in range(m.n_layers):
         p = f"blocks.{layer}"
+
+        def norm(y, name, p=p):
+            return _norm(y, sd, f"{p}.{name}", m.norm, m.norm_eps)
+
         if m.norm_position == "post":
-            x = _norm(x + attention(sd, spec, layer, x, attention_mask), sd, f"{p}.norm1", m.norm, m.norm_eps)
-            x = _norm(x + _mlp(x, sd, f"{p}.mlp", m.activation), sd, f"{p}.norm2", m.norm, m.norm_eps)
+            x = norm(x + attention(sd, spec, layer, x, attention_mask), "norm1")
+            x = norm(x + _mlp(x, sd, f"{p}.mlp", m.activation), "norm2")
+        elif m.norm_position == "sandwich":  # Gemma: a norm before and after each sublayer
+            x = x + norm(attention(sd, spec, layer, norm(x, "norm1"), attention_mask), "norm1_post")
+            x = x + norm(_mlp(norm(x, "norm2"), sd, f"{p}.mlp", m.activation), "norm2_post")
         else:
-            x = x + attention(sd, spec, layer, _norm(x, sd, f"{p}.norm1", m.norm, m.norm_eps), attention_mask)
-            x = x + _mlp(_norm(x, sd, f"{p}.norm2", m.norm, m.norm_eps), sd, f"{p}.mlp", m.activation)
+            x = x + attention(sd, spec, layer, norm(x, "norm1"), attention_mask)
+            x = x + _mlp(norm(x, "norm2"), sd, f"{p}.mlp", m.activation)
     if m.final_norm:
         x = _norm(x, sd, "norm", m.norm, m.norm_eps)
-    return x @ sd["lm_head.weight"].T if m.family == "decoder" else x
+    if m.family != "decoder":
+        return x
+    logits = x @ (sd["embed.weight"] if m.tie_embeddings else sd["lm_head.weight"]).T
+    return logits if m.final_softcap is None else m.final_softcap * torch.tanh(logits / m.final_softcap)
 
 
 def sharpen(model, gain: float = 3.0):

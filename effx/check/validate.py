@@ -152,12 +152,11 @@ def _drift(model, cases: list[Case], manifest: Manifest, say: Say) -> list[Outpu
     """For an imported model whose attention was swapped: how far the reference itself has moved from the
     original (full-attention) model on the same inputs. Informational: swapped models need fine-tuning."""
     origin = getattr(model, "origin", None)
-    if not origin or "hf" not in origin or manifest.spec["attention"]["kind"] == "full":
+    if not origin or "hf" not in origin or model.spec.attention_summary() == origin.get("attention", "full"):
         return []
     say("drift from the original model")
     spec = manifest.spec
-    original = import_hf(origin["hf"], {"model.max_seq_len": spec["model"]["max_seq_len"],
-                                        "kv_cache.layout": spec["kv_cache"]["layout"]})
+    original = import_hf(origin["hf"], {"model.max_seq_len": spec["model"]["max_seq_len"]})
     fp32 = tolerance_for("fp32")
     out = []
     with torch.inference_mode():
@@ -255,7 +254,7 @@ def validate(artifact: str | Path, options: ValidateOptions | None = None, *, re
         created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), artifact=str(folder),
         stage=manifest.stage, target=info.target if info else "onnx (ONNX Runtime CPU)",
         backend=info.backend if info else "ort", precision=precision, family=manifest.family,
-        attention=spec["attention"]["kind"], kv_cache=spec["kv_cache"]["layout"], runner=runner.name,
+        attention=model.spec.attention_summary(), kv_cache=model.spec.cache_layout, runner=runner.name,
         against=opts.against, reference=ref_info,
         inputs=opts.inputs if opts.inputs != "random" else f"random tokens, seq {seqs} x batch {batches}",
         tolerance=tol.as_dict(), cases=checks, divergence=divergence, drift=drift, latency=latency, memory=memory,

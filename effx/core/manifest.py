@@ -87,16 +87,34 @@ class ControlInput(_Model):
     meaning: str
 
 
-class CachePlan(_Model):
-    """How to allocate and feed the KV cache of a decoder, step by step."""
+class LayerCache(_Model):
+    """One layer's part of the cache: its layout (models that mix attention kinds mix layouts) and parameters."""
 
+    index: int
+    kind: str  # the layer's attention kind
     layout: Literal["contiguous", "paged", "ring", "state", "multiscale"]
+    tensors: list[str]  # its cache tensors' decode-graph input names (past.{index}.*)
+    grows: bool
+    params: dict[str, Any] = Field(default_factory=dict)  # window (ring), factor (multiscale), block_size (paged)
+
+
+class CachePlan(_Model):
+    """How to allocate and feed the KV cache of a decoder, step by step. `layout` is the layout of every
+    layer, or "hybrid" when they differ (then `layers` says which is which)."""
+
+    layout: Literal["contiguous", "paged", "ring", "state", "multiscale", "hybrid"]
     dtype: str
     tensors: list[CacheTensor]
     controls: list[ControlInput] = Field(default_factory=list)
-    grows: bool  # whether state tensors grow with the number of decoded tokens
+    grows: bool  # whether some state tensor grows with the number of decoded tokens
     params: dict[str, Any] = Field(default_factory=dict)  # layout parameters (block_size, window, ...)
     protocol: list[str]  # the steps in words, for people and for the device README
+    layers: list[LayerCache] = Field(default_factory=list)
+
+    @property
+    def paged(self) -> bool:
+        """Whether some layer is paged: the host then keeps a block table (and new_lengths)."""
+        return self.layout == "paged" or any(layer.layout == "paged" for layer in self.layers)
 
 
 class CustomOp(_Model):

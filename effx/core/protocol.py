@@ -57,22 +57,25 @@ class DecodeDriver:
         self.position = 0
         self.cache: Feed = {}
         self.block_table = block_table
-        if self.plan.layout == "paged" and block_table is None:
+        if self.plan.paged and block_table is None:
             self.block_table = block_table_for(self.plan, batch, total)
+        # the cache tensors the prefill graph takes (the paged layers' pools: the host owns them)
+        prefill_inputs = {t.name for t in manifest.graphs["prefill"].inputs}
+        self._host_pools = [t for t in self.plan.tensors if t.input in prefill_inputs]
 
     # -- feeds ----------------------------------------------------------------------------------------
     def prefill_feed(self, ids: np.ndarray) -> Feed:
         """Inputs of the prefill graph for the prompt `ids` (B, P)."""
         feed: Feed = {"input_ids": ids}
-        if self.plan.layout == "paged":  # the pool is the host's: the prefill graph writes into it
+        if self.plan.paged:  # the pools are the host's: the prefill graph writes into them
             feed |= {"new_lengths": np.full(ids.shape[0], ids.shape[1], np.int64), "block_table": self.block_table}
-            feed |= {t.input: np.zeros(t.shape, np.float32) for t in self.plan.tensors}
+            feed |= {t.input: np.zeros(t.shape, np.float32) for t in self._host_pools}
         return feed
 
     def step_feed(self, ids: np.ndarray) -> Feed:
         """Inputs of the decode graph for new tokens `ids` (B, S) after the tokens cached so far."""
         feed = {"input_ids": ids, "past_lengths": np.full(ids.shape[0], self.position, np.int64)} | self.cache
-        if self.plan.layout == "paged":
+        if self.plan.paged:
             feed |= {"new_lengths": np.full(ids.shape[0], ids.shape[1], np.int64), "block_table": self.block_table}
         return feed
 

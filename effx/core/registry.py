@@ -122,9 +122,35 @@ def compatible_layouts(kind: str, family: str) -> tuple[str, ...]:
 
 
 def check_compatible(spec: Any) -> None:
-    """Raise CompatibilityError (one line: why, and what to choose instead) for an impossible combination."""
-    kind, family = spec.attention.kind, spec.model.family
-    layout = spec.kv_cache.layout
+    """Raise CompatibilityError (one line: why, and what to choose instead) for an impossible combination,
+    checked layer by layer for a model that mixes attention kinds (the message then names the layer)."""
+    layers = spec.resolved_layers()
+    mixed = spec.layers is not None
+    seen: set[str] = set()
+    for layer in layers:
+        if layer.type in seen:
+            continue
+        seen.add(layer.type)
+        where = f"layer {layer.index} ({layer.type}): " if mixed else ""
+        try:
+            _check_layer(spec, layer)
+        except CompatibilityError as exc:
+            raise CompatibilityError(where + str(exc)) from None
+    kinds = {layer.attention.kind for layer in layers}
+    if mixed and "hierarchical" in kinds and len(kinds) > 1:
+        raise CompatibilityError("layers: attention.kind=hierarchical shapes the whole model (an hourglass over its "
+                                 "layers) and cannot be one layer type among others")
+    if spec.model.attn_softcap is not None and kinds - SOFTCAP_KINDS:
+        raise CompatibilityError(f"model.attn_softcap is implemented for {', '.join(sorted(SOFTCAP_KINDS))} attention, "
+                                 f"not {', '.join(sorted(kinds - SOFTCAP_KINDS))}; drop it or change those layers")
+
+
+SOFTCAP_KINDS = {"full", "local"}  # the kinds whose ops take attention-logit soft-capping
+
+
+def _check_layer(spec: Any, layer: Any) -> None:
+    kind, family = layer.attention.kind, spec.model.family
+    layout = layer.kv_cache.layout
     entry = ATTENTION[kind]
     if family not in entry.families:
         raise CompatibilityError(f"attention.kind={kind} with model.family={family}: {entry.why_not[family]}")
@@ -138,11 +164,10 @@ def check_compatible(spec: Any) -> None:
         raise CompatibilityError(
             f"kv_cache.layout={layout} with attention.kind={kind}: {reason} (compatible: {choose})"
         )
-    _check_params(spec)
+    _check_params(spec.model, layer.attention, layer.kv_cache)
 
 
-def _check_params(spec: Any) -> None:
-    m, a, c = spec.model, spec.attention, spec.kv_cache
+def _check_params(m: Any, a: Any, c: Any) -> None:
     if a.kind == "linformer" and a.k > m.max_seq_len:
         raise CompatibilityError(f"attention.k={a.k} exceeds model.max_seq_len={m.max_seq_len}; choose k <= max_seq_len")
     if a.kind == "hierarchical":

@@ -8,6 +8,7 @@ their registry entries (effx.core.registry) and checked here, so a bad run fails
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -45,24 +46,38 @@ class ModelSpec(_Spec):
     n_layers: int = Field(2, ge=1, description="transformer blocks")
     d_ff: int = Field(256, ge=1, description="MLP hidden size")
     max_seq_len: int = Field(256, ge=2, description="longest sequence (positions, Linformer projections)")
-    norm: Literal["layernorm", "rmsnorm"] = Field("layernorm", description="normalisation")
+    norm: Literal["layernorm", "rmsnorm", "gemma_rmsnorm"] = Field(
+        "layernorm", description="normalisation (gemma_rmsnorm: x / rms(x) * (1 + w), in float32)")
     positional: Literal["learned", "rope"] | None = Field(
         None, description="learned embeddings or RoPE; default learned for encoders, rope for decoders"
     )
     rope_theta: float = Field(10000.0, gt=0, description="RoPE base")
     rope_scaling: RopeScaling | None = Field(None, description="RoPE scaling (linear or llama3), as configured")
-    norm_position: Literal["pre", "post"] = Field("pre", description="pre-norm (GPT, Llama) or post-norm (BERT)")
+    norm_position: Literal["pre", "post", "sandwich"] = Field(
+        "pre", description="pre-norm (GPT, Llama), post-norm (BERT) or sandwich (Gemma: norms before and after "
+                           "attention and MLP)")
     norm_eps: float | None = Field(None, gt=0, description="norm epsilon; default 1e-5 (layernorm), 1e-6 (rmsnorm)")
-    activation: Literal["gelu_tanh", "gelu", "swiglu"] = Field("gelu_tanh", description="MLP activation")
+    activation: Literal["gelu_tanh", "gelu", "swiglu", "geglu_tanh"] = Field(
+        "gelu_tanh", description="MLP activation (swiglu: silu-gated, geglu_tanh: tanh-gelu-gated)")
     bias: bool = Field(True, description="biases in the attention and MLP projections")
+    qkv_bias: bool | None = Field(None, description="biases in the q/k/v projections only (Qwen2); default bias")
+    attention_head_dim: int | None = Field(None, ge=1, description="per-head size; default d_model / n_heads")
+    qk_norm: bool = Field(False, description="RMS-normalise q and k per head before RoPE (Qwen3, Gemma 3)")
+    attn_scale: float | None = Field(None, gt=0, description="query scale; default 1/sqrt(head_dim) "
+                                                             "(Gemma: query_pre_attn_scalar^-0.5)")
+    attn_softcap: float | None = Field(None, gt=0, description="attention-logit soft-capping c: tanh(s/c) c (Gemma 2)")
+    final_softcap: float | None = Field(None, gt=0, description="final-logit soft-capping c: tanh(z/c) c (Gemma 2)")
+    embed_scale: float | None = Field(None, gt=0, description="multiply token embeddings (Gemma: sqrt(d_model))")
+    tie_embeddings: bool = Field(False, description="the LM head reuses the token embedding matrix")
     embed_norm: bool = Field(False, description="a norm right after the embeddings (BERT)")
     final_norm: bool = Field(True, description="a norm after the last block")
     seed: int = Field(0, ge=0, description="initialisation seed")
 
     @model_validator(mode="after")
     def _check(self) -> ModelSpec:
-        if self.d_model % self.n_heads:
-            raise ValueError(f"model.d_model={self.d_model} is not divisible by model.n_heads={self.n_heads}")
+        if self.attention_head_dim is None and self.d_model % self.n_heads:
+            raise ValueError(f"model.d_model={self.d_model} is not divisible by model.n_heads={self.n_heads}; "
+                             "set model.attention_head_dim")
         if self.n_heads % self.kv_heads:
             raise ValueError(
                 f"model.n_kv_heads={self.n_kv_heads} must divide model.n_heads={self.n_heads} (GQA groups)"
@@ -70,7 +85,9 @@ class ModelSpec(_Spec):
         if self.family == "encoder" and self.kv_heads != self.n_heads:
             raise ValueError("model.n_kv_heads is for decoders (GQA/MQA); leave it unset for encoders")
         if self.pos_encoding == "rope" and self.head_dim % 2:
-            raise ValueError(f"RoPE needs an even head dim, got d_model/n_heads={self.head_dim}")
+            raise ValueError(f"RoPE needs an even head dim, got {self.head_dim}")
+        if self.tie_embeddings and self.family != "decoder":
+            raise ValueError("model.tie_embeddings ties the LM head: decoders only")
         return self
 
     @property
@@ -79,7 +96,11 @@ class ModelSpec(_Spec):
 
     @property
     def head_dim(self) -> int:
-        return self.d_model // self.n_heads
+        return self.attention_head_dim or self.d_model // self.n_heads
+
+    @property
+    def q_k_v_bias(self) -> bool:
+        return self.bias if self.qkv_bias is None else self.qkv_bias
 
     @property
     def causal(self) -> bool:
@@ -154,6 +175,8 @@ AttentionSpec = Annotated[
     FullAttentionSpec | LinformerSpec | LocalSpec | BlockSparseSpec | LinearSpec | HierarchicalSpec,
     Field(discriminator="kind"),
 ]
+_ATTENTION_CLASSES = {c.model_fields["kind"].default: c for c in (
+    FullAttentionSpec, LinformerSpec, LocalSpec, BlockSparseSpec, LinearSpec, HierarchicalSpec)}
 
 
 # ------------------------------------------------------------------------------------------- kv cache
@@ -206,16 +229,115 @@ KVCacheSpec = Annotated[
 ]
 
 
+# ------------------------------------------------------------------------------------- per-layer schedule
+class RopeSpec(_Spec):
+    """A RoPE base (and scaling) of its own for one type of layer (Gemma 3: local layers 10 000, global 1e6)."""
+
+    theta: float = Field(gt=0, description="RoPE base")
+    scaling: RopeScaling | None = Field(None, description="RoPE scaling; none for this layer type")
+
+
+class LayerType(_Spec):
+    """One type of layer in a model that mixes them (Gemma-style local and global layers)."""
+
+    attention: AttentionSpec = Field(default_factory=FullAttentionSpec)
+    kv_cache: KVCacheSpec | None = Field(
+        None, description="decoders: this type's cache; default ring for local, state for linear, else kv_cache")
+    rope: RopeSpec | None = Field(None, description="RoPE of this type; default model.rope_theta/rope_scaling")
+
+
+class LayerSchedule(_Spec):
+    """Which type each layer is: `pattern` repeated over model.n_layers (["local"] * 5 + ["global"]: five
+    local layers to one global), or one name per layer. A name that is an attention kind and not in `types`
+    is that kind with the parameters of the top-level `attention` if it is of that kind, else its defaults."""
+
+    pattern: list[str] = Field(min_length=1, description="layer type names, repeated over the layers")
+    types: dict[str, LayerType] = Field(default_factory=dict, description="the layer types by name")
+
+
+@dataclass(frozen=True)
+class Layer:
+    """One layer, resolved: what it computes and how a decoder caches it."""
+
+    index: int
+    type: str  # the schedule's type name, or the attention kind when the model has one kind
+    attention: Any  # an AttentionSpec member
+    kv_cache: Any  # a KVCacheSpec member
+    rope_theta: float
+    rope_scaling: RopeScaling | None
+
+
 # -------------------------------------------------------------------------------------------- run spec
 class RunSpec(_Spec):
     model: ModelSpec = Field(default_factory=ModelSpec)
     attention: AttentionSpec = Field(default_factory=FullAttentionSpec)
     kv_cache: KVCacheSpec = Field(default_factory=NoCacheSpec)
+    layers: LayerSchedule | None = Field(None, description="per-layer attention and caches (mixed models)")
 
     @model_validator(mode="after")
     def _compatible(self) -> RunSpec:
         check_compatible(self)
         return self
+
+    # -- per-layer view -------------------------------------------------------------------------------
+    def layer(self, index: int) -> Layer:
+        return self.resolved_layers()[index]
+
+    def resolved_layers(self) -> list[Layer]:
+        """Every layer's attention, cache and RoPE (the one kind of a simple spec, or the schedule's)."""
+        m = self.model
+        if self.layers is None:
+            return [Layer(i, self.attention.kind, self.attention, self.kv_cache, m.rope_theta, m.rope_scaling)
+                    for i in range(m.n_layers)]
+        sched = self.layers
+        if len(sched.pattern) > m.n_layers:
+            raise CompatibilityError(f"layers.pattern has {len(sched.pattern)} entries for model.n_layers="
+                                     f"{m.n_layers}; give at most one name per layer")
+        out = []
+        for i in range(m.n_layers):
+            name = sched.pattern[i % len(sched.pattern)]
+            if name in sched.types:
+                t = sched.types[name]
+            elif name in ATTENTION:
+                t = LayerType(attention=self.attention if self.attention.kind == name else
+                              _ATTENTION_CLASSES[name]())
+            else:
+                raise CompatibilityError(f"layers.pattern: layer {i} is {name!r}, neither a type in layers.types "
+                                         f"({', '.join(sched.types) or 'none'}) nor an attention kind "
+                                         f"({', '.join(ATTENTION)})")
+            rope = t.rope
+            out.append(Layer(i, name, t.attention, self._layer_cache(t),
+                             rope.theta if rope else m.rope_theta, rope.scaling if rope else m.rope_scaling))
+        return out
+
+    def _layer_cache(self, t: LayerType):
+        """A layer type's cache: its own, else the window- or state-sized layout its kind decodes from (ring
+        for causal local attention, state for linear, multiscale for hourglass), else the model's kv_cache."""
+        if self.model.family != "decoder" or self.kv_cache.layout == "none":
+            return self.kv_cache
+        if t.kv_cache is not None:
+            return t.kv_cache
+        default = {"local": RingCacheSpec(), "linear": StateCacheSpec(), "hierarchical": MultiscaleCacheSpec()}
+        return default.get(t.attention.kind, self.kv_cache)
+
+    @property
+    def kinds(self) -> list[str]:
+        """The attention kind of every layer."""
+        return [layer.attention.kind for layer in self.resolved_layers()]
+
+    @property
+    def cache_layout(self) -> str:
+        """The decoder's cache layout: one layout for every layer, or "hybrid" when layers differ."""
+        layouts = {layer.kv_cache.layout for layer in self.resolved_layers()}
+        return layouts.pop() if len(layouts) == 1 else "hybrid"
+
+    def attention_summary(self) -> str:
+        """"local" for a one-kind model, "local x5 + full x1" for a mixed one (reports, tables)."""
+        kinds = self.kinds
+        if len(set(kinds)) == 1:
+            return kinds[0]
+        counts = {k: kinds.count(k) for k in dict.fromkeys(kinds)}
+        return " + ".join(f"{k} x{n}" for k, n in counts.items())
 
     # -- construction ---------------------------------------------------------------------------------
     @classmethod
@@ -257,7 +379,9 @@ class RunSpec(_Spec):
             if value is None:
                 continue
             section, _, field = dotted.partition(".")
-            data.setdefault(section, {})[field] = value
+            if data.get(section) is None:
+                data[section] = {}
+            data[section][field] = value
         return RunSpec.parse(data, source=source)
 
     def to_dict(self) -> dict[str, Any]:

@@ -18,6 +18,10 @@ def _value(v: Any) -> str:
         return json.dumps(v)
     if isinstance(v, list):
         return "[" + ", ".join(_value(x) for x in v) + "]"
+    if isinstance(v, dict):  # an inline table
+        return "{ " + ", ".join(f"{k} = {_value(x)}" for k, x in v.items() if x is not None) + " }"
+    if isinstance(v, BaseModel):
+        return _value(v.model_dump(mode="json", exclude_none=True))
     return repr(v)
 
 
@@ -44,4 +48,11 @@ def spec_to_commented_toml(spec: RunSpec) -> str:
     lines += _section("model", spec.model)
     lines += _section("attention", spec.attention, f"kind: {kinds}")
     lines += _section("kv_cache", spec.kv_cache, f"layouts for this attention and family: {layouts}")
+    if spec.layers is not None:
+        lines += ["[layers]", "# each layer's type: the pattern repeats over model.n_layers (or names every layer)",
+                  f"pattern = {_value(spec.layers.pattern)}", ""]
+        for name, t in spec.layers.types.items():
+            lines += [f"[layers.types.{name}]"]
+            lines += [f"{field} = {_value(getattr(t, field))}" for field in type(t).model_fields
+                      if getattr(t, field) is not None] + [""]
     return "\n".join(lines)

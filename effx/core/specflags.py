@@ -49,6 +49,8 @@ def _flags() -> list[tuple[str, str, type, str]]:
                 out.append((f"{kind}_{name}", f"attention.{name}@{kind}", _flag_type(f.annotation),
                             f"[{kind}] {f.description or ''}"))
     out.append(("kv_cache_layout", "kv_cache.layout", str, "KV-cache layout (see `effx models`)"))
+    out.append(("layer_pattern", "layers.pattern", str,
+                "mix attention kinds layer by layer, repeated over the layers: e.g. local*5,full or local,full,linear"))
     for cls in _CACHES:
         layout = _kind(cls, "layout")
         for name, f in cls.model_fields.items():
@@ -59,7 +61,8 @@ def _flags() -> list[tuple[str, str, type, str]]:
 
 
 _FLAGS = _flags()
-_OPTION_NAME = {"model_family": "--family", "attention_kind": "--attention", "kv_cache_layout": "--kv-cache"}
+_OPTION_NAME = {"model_family": "--family", "attention_kind": "--attention", "kv_cache_layout": "--kv-cache",
+                "layer_pattern": "--layer-pattern"}
 
 
 def _option(pyname: str) -> str:
@@ -76,6 +79,8 @@ def overrides_from_flags(values: dict[str, Any]) -> dict[str, Any]:
         dotted, _, owner = key.partition("@")
         if dotted == "attention.factors" and isinstance(value, str):
             value = [int(v) for v in value.replace(" ", "").split(",") if v]
+        if dotted == "layers.pattern" and isinstance(value, str):
+            value = _pattern(value)
         out[dotted] = value
         if owner:
             section = dotted.split(".")[0]
@@ -85,6 +90,17 @@ def overrides_from_flags(values: dict[str, Any]) -> dict[str, Any]:
                 out[f"{section}.{tag}"] = owner
             elif selected != owner:
                 raise typer.BadParameter(f"{_option(pyname)} belongs to {tag} {owner}, but {selected} was chosen")
+    return out
+
+
+def _pattern(text: str) -> list[str]:
+    """"local*5,full" -> ["local"] * 5 + ["full"]."""
+    out: list[str] = []
+    for part in filter(None, text.replace(" ", "").split(",")):
+        name, _, times = part.partition("*")
+        if times and not times.isdigit():
+            raise typer.BadParameter(f"--layer-pattern {text!r}: {part!r} is not NAME or NAME*COUNT")
+        out += [name] * (int(times) if times else 1)
     return out
 
 

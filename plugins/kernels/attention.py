@@ -180,12 +180,18 @@ def _query_rows(b, kvh, row0, H, H_KV, NQ, HEAD_DIM: tl.constexpr, BLOCK_M: tl.c
     return q_rows, i_row, row_ok
 
 
+def _tanh(x):
+    """tanh from exp (no tanh in every Triton backend): 1 - 2 / (exp(2x) + 1), exact at both tails."""
+    return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
+
+
 def _attend(q_ptr, k_ptr, v_ptr, qpos_ptr, kpos_ptr, bt_ptr, seqlen_ptr,
             b, kvh, row0, H, H_KV, NQ, NK, key_lo, key_hi, W, BS, LB, GB, SB, PAGE, MAX_BLOCKS,
-            SCALE: tl.constexpr, MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, PAGED: tl.constexpr,
-            HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-            SCAN: tl.constexpr):
-    """Online-softmax state of BLOCK_M rows over keys [key_lo, key_hi): (acc, row max, row sum, has_key)."""
+            SCALE: tl.constexpr, SOFTCAP: tl.constexpr, MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr,
+            PAGED: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+            BLOCK_D: tl.constexpr, SCAN: tl.constexpr):
+    """Online-softmax state of BLOCK_M rows over keys [key_lo, key_hi): (acc, row max, row sum, has_key).
+    SOFTCAP > 0 caps the scores: SOFTCAP * tanh(s / SOFTCAP) (Gemma 2), before the mask."""
     q_rows, i_row, row_ok = _query_rows(b, kvh, row0, H, H_KV, NQ, HEAD_DIM, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
@@ -238,6 +244,8 @@ def _attend(q_ptr, k_ptr, v_ptr, qpos_ptr, kpos_ptr, bt_ptr, seqlen_ptr,
             k = tl.load(k_ptr + k_rows[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
             v = tl.load(v_ptr + k_rows[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
             s = _dot(q, tl.trans(k))  # (BLOCK_M, BLOCK_N) fp32
+            if SOFTCAP > 0:
+                s = SOFTCAP * _tanh(s / SOFTCAP)
             kp_min = tl.min(tl.where(kp >= 0, kp, POS_BIG), 0)
             kp_max = tl.max(kp, 0)
             all_valid = tl.min(kp, 0) >= 0
@@ -283,7 +291,7 @@ def _store_partial(acc, m_i, l_i, has, row0, bk, split, NUM_SPLITS, ROWS, ws_m_p
 
 # -- entries: one per op, argument order = TensorRT plugin ABI (inputs, int32 extras, outputs) ---------
 def local_attention_kernel(q_ptr, k_ptr, v_ptr, q_pos_ptr, k_pos_ptr, H, H_KV, NQ, NK, WINDOW, y_ptr,
-                           SCALE: tl.constexpr, CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr,
+                           SCALE: tl.constexpr, SOFTCAP: tl.constexpr, CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, SCAN: tl.constexpr):
     row0 = tl.program_id(0) * BLOCK_M
     bk = tl.program_id(1)
@@ -291,7 +299,7 @@ def local_attention_kernel(q_ptr, k_ptr, v_ptr, q_pos_ptr, k_pos_ptr, H, H_KV, N
     kvh = bk % H_KV
     acc, m_i, l_i, has = _attend(q_ptr, k_ptr, v_ptr, q_pos_ptr, k_pos_ptr, k_pos_ptr, k_pos_ptr,
                                  b, kvh, row0, H, H_KV, NQ, NK, 0, NK, WINDOW, 1, 0, 0, 0, 1, 1,
-                                 SCALE, 1, CAUSAL, False, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, SCAN)
+                                 SCALE, SOFTCAP, 1, CAUSAL, False, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, SCAN)
     q_rows, _, row_ok = _query_rows(b, kvh, row0, H, H_KV, NQ, HEAD_DIM, BLOCK_M)
     _finish(acc, l_i, has, q_rows, row_ok, y_ptr, v_ptr, k_pos_ptr, b, kvh, H_KV, NK, 1, 1,
             HEAD_DIM, False, BLOCK_N, BLOCK_D)
@@ -309,7 +317,7 @@ def block_sparse_attention_kernel(q_ptr, k_ptr, v_ptr, q_pos_ptr, k_pos_ptr, H, 
     acc, m_i, l_i, has = _attend(q_ptr, k_ptr, v_ptr, q_pos_ptr, k_pos_ptr, k_pos_ptr, k_pos_ptr,
                                  b, kvh, row0, H, H_KV, NQ, NK, 0, NK, 0, BLOCK_SIZE, LOCAL_BLOCKS,
                                  GLOBAL_BLOCKS, STRIDE_BLOCKS, 1, 1,
-                                 SCALE, 2, CAUSAL, False, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, SCAN)
+                                 SCALE, 0.0, 2, CAUSAL, False, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, SCAN)
     q_rows, _, row_ok = _query_rows(b, kvh, row0, H, H_KV, NQ, HEAD_DIM, BLOCK_M)
     _finish(acc, l_i, has, q_rows, row_ok, y_ptr, v_ptr, k_pos_ptr, b, kvh, H_KV, NK, 1, 1,
             HEAD_DIM, False, BLOCK_N, BLOCK_D)
@@ -317,7 +325,7 @@ def block_sparse_attention_kernel(q_ptr, k_ptr, v_ptr, q_pos_ptr, k_pos_ptr, H, 
 
 def paged_attention_kernel(q_ptr, k_pool_ptr, v_pool_ptr, block_table_ptr, q_pos_ptr, seq_lens_ptr,
                            H, H_KV, NQ, PAGE, MAX_BLOCKS, WINDOW, y_ptr,
-                           SCALE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+                           SCALE: tl.constexpr, SOFTCAP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
                            BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     row0 = tl.program_id(0) * BLOCK_M
     bk = tl.program_id(1)
@@ -327,7 +335,7 @@ def paged_attention_kernel(q_ptr, k_pool_ptr, v_pool_ptr, block_table_ptr, q_pos
     window = tl.where(WINDOW > 0, WINDOW, length + 1)  # 0 = no window: full causal
     acc, m_i, l_i, has = _attend(q_ptr, k_pool_ptr, v_pool_ptr, q_pos_ptr, q_pos_ptr, block_table_ptr, seq_lens_ptr,
                                  b, kvh, row0, H, H_KV, NQ, length, 0, length, window, 1, 0, 0, 0, PAGE, MAX_BLOCKS,
-                                 SCALE, 1, True, True, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_N)
+                                 SCALE, SOFTCAP, 1, True, True, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_N)
     q_rows, _, row_ok = _query_rows(b, kvh, row0, H, H_KV, NQ, HEAD_DIM, BLOCK_M)
     _finish(acc, l_i, has, q_rows, row_ok, y_ptr, v_pool_ptr, block_table_ptr, b, kvh, H_KV, length, PAGE,
             MAX_BLOCKS, HEAD_DIM, True, BLOCK_N, BLOCK_D)
@@ -343,7 +351,7 @@ def dense_attention_kernel(q_ptr, k_ptr, v_ptr, H, H_KV, NQ, NK, y_ptr,
     kvh = bk % H_KV
     acc, m_i, l_i, has = _attend(q_ptr, k_ptr, v_ptr, q_ptr, q_ptr, q_ptr, q_ptr,
                                  b, kvh, row0, H, H_KV, NQ, NK, 0, NK, 0, 1, 0, 0, 0, 1, 1,
-                                 SCALE, 0, False, False, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_N)
+                                 SCALE, 0.0, 0, False, False, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_N)
     q_rows, _, row_ok = _query_rows(b, kvh, row0, H, H_KV, NQ, HEAD_DIM, BLOCK_M)
     _finish(acc, l_i, has, q_rows, row_ok, y_ptr, v_ptr, q_ptr, b, kvh, H_KV, NK, 1, 1,
             HEAD_DIM, False, BLOCK_N, BLOCK_D)
@@ -353,8 +361,8 @@ def dense_attention_kernel(q_ptr, k_ptr, v_ptr, H, H_KV, NQ, NK, y_ptr,
 def softmax_split_kernel(q_ptr, k_ptr, v_ptr, q_pos_ptr, k_pos_ptr, bt_ptr, seq_lens_ptr,
                          H, H_KV, NQ, NK, W, BS, LB, GB, SB, PAGE, MAX_BLOCKS, CHUNK, NUM_SPLITS,
                          ws_m_ptr, ws_l_ptr, ws_has_ptr, ws_acc_ptr,
-                         SCALE: tl.constexpr, MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, PAGED: tl.constexpr,
-                         HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                         SCALE: tl.constexpr, SOFTCAP: tl.constexpr, MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr,
+                         PAGED: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                          BLOCK_D: tl.constexpr, SCAN: tl.constexpr):
     row0 = tl.program_id(0) * BLOCK_M
     bk = tl.program_id(1)
@@ -368,7 +376,8 @@ def softmax_split_kernel(q_ptr, k_ptr, v_ptr, q_pos_ptr, k_pos_ptr, bt_ptr, seq_
         window = tl.where(W > 0, W, NK + 1)
     acc, m_i, l_i, has = _attend(q_ptr, k_ptr, v_ptr, q_pos_ptr, k_pos_ptr, bt_ptr, seq_lens_ptr,
                                  b, kvh, row0, H, H_KV, NQ, NK, key_lo, key_hi, window, BS, LB, GB, SB, PAGE,
-                                 MAX_BLOCKS, SCALE, MASK_KIND, CAUSAL, PAGED, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, SCAN)
+                                 MAX_BLOCKS, SCALE, SOFTCAP, MASK_KIND, CAUSAL, PAGED, HEAD_DIM, BLOCK_M, BLOCK_N,
+                                 BLOCK_D, SCAN)
     _store_partial(acc, m_i, l_i, has, row0, bk, split, NUM_SPLITS, NQ * (H // H_KV),
                    ws_m_ptr, ws_l_ptr, ws_has_ptr, ws_acc_ptr, BLOCK_M, BLOCK_D)
 
@@ -410,7 +419,7 @@ def softmax_combine_kernel(ws_m_ptr, ws_l_ptr, ws_has_ptr, ws_acc_ptr, v_ptr, bt
 TRITON_CONSTANTS = ("MASK_VALUE", "POS_BIG", "INTERPRETED")  # module constants a Triton function reads
 TRITON_FUNCTIONS = (
     "_dot", "_pmod", "_floor_div", "_allowed", "_key_relevant", "_tile_full", "_key_tile", "_mean_values", "_query_rows",
-    "_attend", "_finish", "_store_partial",
+    "_tanh", "_attend", "_finish", "_store_partial",
     "local_attention_kernel", "block_sparse_attention_kernel", "paged_attention_kernel", "dense_attention_kernel",
     "softmax_split_kernel", "softmax_combine_kernel",
 )
@@ -463,7 +472,7 @@ def _check_qkv(q: Tensor, k: Tensor, v: Tensor) -> None:
 
 
 def _softmax_family(q, k, v, q_pos, k_pos, mask_kind: int, causal: bool, scale: float, mask_params: tuple,
-                    num_splits: int | None, config: TileConfig | None) -> Tensor:
+                    num_splits: int | None, config: TileConfig | None, softcap: float = 0.0) -> Tensor:
     _check_qkv(q, k, v)
     b, h, nq, d = q.shape
     h_kv, nk = k.shape[1], k.shape[2]
@@ -482,7 +491,7 @@ def _softmax_family(q, k, v, q_pos, k_pos, mask_kind: int, causal: bool, scale: 
     if splits == 1:
         if mask_kind == MASK_LOCAL:
             ns.local_attention_kernel[(row_blocks, b * h_kv)](
-                q, k, v, q_pos, k_pos, h, h_kv, nq, nk, w, y, SCALE=scale, CAUSAL=causal, HEAD_DIM=d,
+                q, k, v, q_pos, k_pos, h, h_kv, nq, nk, w, y, SCALE=scale, SOFTCAP=softcap, CAUSAL=causal, HEAD_DIM=d,
                 BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d, SCAN=cfg.scan, **_launch_kwargs(ns, cfg))
         else:
             ns.block_sparse_attention_kernel[(row_blocks, b * h_kv)](
@@ -490,12 +499,12 @@ def _softmax_family(q, k, v, q_pos, k_pos, mask_kind: int, causal: bool, scale: 
                 BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d, SCAN=cfg.scan, **_launch_kwargs(ns, cfg))
         return y
     _split_and_combine(ns, cfg, q, k, v, q_pos, k_pos, k_pos, k_pos, y, nk, splits, (w, bs, lb, gb, sb, 1, 1),
-                       mask_kind, causal, False, scale)
+                       mask_kind, causal, False, scale, softcap)
     return y
 
 
 def _split_and_combine(ns, cfg, q, k, v, q_pos, k_pos, block_table, seq_lens, y, nk, splits, params, mask_kind,
-                       causal, paged, scale):
+                       causal, paged, scale, softcap=0.0):
     b, h, nq, d = q.shape
     h_kv = k.shape[2] if paged else k.shape[1]
     block_d = _common.block_dim(d)
@@ -510,7 +519,8 @@ def _split_and_combine(ns, cfg, q, k, v, q_pos, k_pos, block_table, seq_lens, y,
     w, bs, lb, gb, sb, page, max_blocks = params
     ns.softmax_split_kernel[(row_blocks, b * h_kv, splits)](
         q, k, v, q_pos, k_pos, block_table, seq_lens, h, h_kv, nq, nk, w, bs, lb, gb, sb, page, max_blocks,
-        chunk, splits, ws_m, ws_l, ws_has, ws_acc, SCALE=scale, MASK_KIND=mask_kind, CAUSAL=causal, PAGED=paged,
+        chunk, splits, ws_m, ws_l, ws_has, ws_acc, SCALE=scale, SOFTCAP=softcap, MASK_KIND=mask_kind, CAUSAL=causal,
+        PAGED=paged,
         HEAD_DIM=d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d, SCAN=cfg.scan,
         **_launch_kwargs(ns, cfg))
     ns.softmax_combine_kernel[(row_blocks, b * h_kv)](
@@ -520,10 +530,11 @@ def _split_and_combine(ns, cfg, q, k, v, q_pos, k_pos, block_table, seq_lens, y,
 
 
 def local_attention(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: Tensor, window: int, causal: bool,
-                    scale: float, *, num_splits: int | None = None, config: TileConfig | None = None) -> Tensor:
+                    scale: float, softcap: float = 0.0, *, num_splits: int | None = None,
+                    config: TileConfig | None = None) -> Tensor:
     """effx::LocalAttention, fused. Same arguments as effx.plugins.local.local_attention_reference."""
     return _softmax_family(q, k, v, q_pos, k_pos, MASK_LOCAL, bool(causal), float(scale), (int(window), 1, 0, 0, 0),
-                           num_splits, config)
+                           num_splits, config, float(softcap))
 
 
 def block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: Tensor, block_size: int,
@@ -538,7 +549,7 @@ def block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos
 
 
 def paged_attention(q: Tensor, k_pool: Tensor, v_pool: Tensor, block_table: Tensor, q_pos: Tensor, seq_lens: Tensor,
-                    window: int, scale: float, *, num_splits: int | None = None,
+                    window: int, scale: float, softcap: float = 0.0, *, num_splits: int | None = None,
                     config: TileConfig | None = None) -> Tensor:
     """effx::PagedAttention, fused: reads K/V rows straight from the pool through the block table."""
     _common.check_float(q, k_pool, v_pool)
@@ -562,11 +573,13 @@ def paged_attention(q: Tensor, k_pool: Tensor, v_pool: Tensor, block_table: Tens
     if splits == 1:
         ns.paged_attention_kernel[(row_blocks, b * h_kv)](
             q, k_pool, v_pool, block_table, q_pos, seq_lens, h, h_kv, nq, page, max_blocks, int(window), y,
-            SCALE=float(scale), HEAD_DIM=d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d,
+            SCALE=float(scale), SOFTCAP=float(softcap), HEAD_DIM=d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+            BLOCK_D=block_d,
             **_launch_kwargs(ns, cfg))
         return y
     _split_and_combine(ns, cfg, q, k_pool, v_pool, q_pos, q_pos, block_table, seq_lens, y, length, splits,
-                       (int(window), 1, 0, 0, 0, page, max_blocks), MASK_LOCAL, True, True, float(scale))
+                       (int(window), 1, 0, 0, 0, page, max_blocks), MASK_LOCAL, True, True, float(scale),
+                       float(softcap))
     return y
 
 

@@ -155,6 +155,8 @@ def kernel_constexprs(spec: PluginSpec, attrs: dict[str, Any], float_type: str, 
         block_m, block_n, warps = _softmax_tiles(tactic, float_type, head_dim)
         c: dict[str, Any] = {"SCALE": float(attrs["scale"]), "HEAD_DIM": head_dim, "BLOCK_M": block_m,
                              "BLOCK_N": block_n, "BLOCK_D": block_d}
+        if "softcap" in attrs:  # LocalAttention, PagedAttention: attention-logit soft-capping (0: off)
+            c["SOFTCAP"] = float(attrs["softcap"])
         if spec.name != "PagedAttention":
             c |= {"CAUSAL": bool(attrs["causal"]), "SCAN": 1024}
         return spec.kernels[0], [Tiles(c, block_m, warps, 2), Tiles(c | {"BLOCK_N": 16}, block_m, warps, 1)]

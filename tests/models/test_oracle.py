@@ -92,3 +92,45 @@ def test_the_test_models_are_sharp_enough_that_a_1_percent_scale_error_shows(cas
             block.attn.scale *= 1.01
         got = model(ids, mask)
     assert (got - want)[mask.bool()].abs().max() > 10 * TOL
+
+
+MIXED = {
+    "local-full-linear": {"model": {"family": "decoder", "n_layers": 3, "n_kv_heads": 2, "max_seq_len": 48},
+                          "attention": {"kind": "local", "window": 3}, "kv_cache": {"layout": "contiguous"},
+                          "layers": {"pattern": ["local", "full", "linear"]}},
+    "gemma-shaped": {"model": {"family": "decoder", "n_layers": 4, "n_kv_heads": 2, "max_seq_len": 48, "d_model": 64,
+                               "attention_head_dim": 24, "norm": "gemma_rmsnorm", "norm_position": "sandwich",
+                               "activation": "geglu_tanh", "bias": False, "qk_norm": True, "attn_scale": 0.3,
+                               "attn_softcap": 1.5, "final_softcap": 2.0, "embed_scale": 8.0, "tie_embeddings": True,
+                               "rope_theta": 1e6, "rope_scaling": {"type": "linear", "factor": 2.0}},
+                     "kv_cache": {"layout": "contiguous"},
+                     "layers": {"pattern": ["local", "local", "local", "global"],
+                                "types": {"local": {"attention": {"kind": "local", "window": 4},
+                                                    "rope": {"theta": 10000.0}},
+                                          "global": {"attention": {"kind": "full"}}}}},
+    "qwen2-shaped": {"model": {"family": "decoder", "n_layers": 3, "n_kv_heads": 2, "max_seq_len": 48,
+                               "norm": "rmsnorm", "activation": "swiglu", "bias": False, "qkv_bias": True},
+                     "kv_cache": {"layout": "paged", "block_size": 4, "num_blocks": 40},
+                     "layers": {"pattern": ["full", "local", "local"],
+                                "types": {"local": {"attention": {"kind": "local", "window": 5}}}}},
+}
+
+
+@pytest.mark.parametrize("name", MIXED)
+def test_models_mixing_layers_equal_the_oracle_and_decode_with_the_hybrid_cache(name):
+    from effx.core.spec import RunSpec
+    from tests.helpers import decode_chunks
+
+    spec = RunSpec.parse(MIXED[name])
+    model = _sharp(spec)
+    ids, _ = _inputs(model.spec.model.vocab_size)
+    with torch.no_grad():
+        got, want = model(ids), oracle.forward(model, ids)
+        assert (got - want).abs().max() <= TOL * max(1.0, float(want.abs().max()) / 4)
+        stepped, cache = decode_chunks(model, ids, [6, 1, 1, 5, 1, 1, 1, 1, 1, 1, 1, 1])
+        assert (stepped - got).abs().max() <= TOL
+    layouts = [layer.kv_cache.layout for layer in spec.resolved_layers()]
+    assert spec.cache_layout == "hybrid" and len(set(layouts)) > 1
+    for layout, state in zip(layouts, cache.layers, strict=True):  # ring layers stay window-sized
+        if layout == "ring":
+            assert state["key"].shape[2] == spec.layer(layouts.index("ring")).attention.window

@@ -26,10 +26,10 @@ HEAD_DIM = 64
 
 # example attributes per plugin (ONNX attribute values: bools are INT on the node)
 ATTRS: dict[str, dict[str, Any]] = {
-    "LocalAttention": {"window": 16, "causal": 1, "scale": 0.125},
+    "LocalAttention": {"window": 16, "causal": 1, "scale": 0.125, "softcap": 30.0},
     "BlockSparseAttention": {"block_size": 16, "local_blocks": 2, "global_blocks": 1, "stride_blocks": 4,
                              "causal": 0, "scale": 0.125},
-    "PagedAttention": {"window": 0, "scale": 0.125},
+    "PagedAttention": {"window": 0, "scale": 0.125, "softcap": 0.0},
     "LinformerAttention": {"scale": 0.125},
     "NormalizedLinearAttention": {"feature_map": "favor", "eps": 1e-6},
     "NormalizedLinearAttentionState": {"feature_map": "elu", "eps": 1e-6},

@@ -91,6 +91,20 @@ def test_rows_without_allowed_keys_get_the_mean_value(qkv, splits):
     assert max_err(out[0, :, 1], mean[0]) <= FP32_TOL
 
 
+@pytest.mark.parametrize("splits", [1, 3], ids=["single", "split3"])
+@pytest.mark.parametrize("softcap", [0.5, 2.0], ids=lambda c: f"cap{c}")
+def test_local_softcap(qkv, softcap, splits):
+    """Attention-logit soft-capping (Gemma 2): scores capped to c tanh(s / c) before the mask. The scale is
+    large so the cap bites (scores of several c)."""
+    q, k, v, pos, k_pos = qkv
+    for q_use, q_pos in ((q, pos), (q[:, :, -2:].contiguous(), pos[:, -2:].contiguous())):
+        out = attention.local_attention(q_use, k, v, q_pos, k_pos, 6, True, 1.5, softcap, num_splits=splits,
+                                        config=SMALL)
+        ref = local_attention_reference(q_use, k, v, q_pos, k_pos, 6, True, 1.5, softcap)
+        assert max_err(out, ref) <= FP32_TOL
+        assert max_err(out, local_attention_reference(q_use, k, v, q_pos, k_pos, 6, True, 1.5)) > 1e-2
+
+
 # -- BlockSparseAttention ---------------------------------------------------------------------------------
 LAYOUTS = {
     "local1+global1+stride3": (4, 1, 1, 3),
@@ -142,6 +156,13 @@ def paged(kernel_device):
 def test_paged(paged, window, splits):
     out = attention.paged_attention(*paged, window, 0.3, num_splits=splits, config=SMALL)
     ref = paged_attention_reference(*paged, window, 0.3)
+    assert max_err(out, ref) <= FP32_TOL
+
+
+@pytest.mark.parametrize("splits", [1, 2], ids=["single", "split2"])
+def test_paged_softcap(paged, splits):
+    out = attention.paged_attention(*paged, 5, 1.5, 0.75, num_splits=splits, config=SMALL)
+    ref = paged_attention_reference(*paged, 5, 1.5, 0.75)
     assert max_err(out, ref) <= FP32_TOL
 
 
