@@ -248,7 +248,6 @@ def validate(artifact: str | Path, options: ValidateOptions | None = None, *, re
     memory = [Memory(runner=runner.name, peak_mb=run_mem.peak_mb, method=PeakRss.method),
               Memory(runner="torch (load)", peak_mb=ref_mem.peak_mb, method=PeakRss.method),
               Memory(runner="torch (run)", peak_mb=ref_run_mem.peak_mb, method=PeakRss.method)]
-    spec = manifest.spec
     report = ValidationReport(
         output=str(out_dir),
         created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), artifact=str(folder),

@@ -140,6 +140,10 @@ def check_compatible(spec: Any) -> None:
     if mixed and "hierarchical" in kinds and len(kinds) > 1:
         raise CompatibilityError("layers: attention.kind=hierarchical shapes the whole model (an hourglass over its "
                                  "layers) and cannot be one layer type among others")
+    pools = {(layer.kv_cache.block_size, layer.kv_cache.num_blocks) for layer in layers if layer.kv_cache.layout == "paged"}
+    if len(pools) > 1:
+        raise CompatibilityError(f"layers: paged layers with different block_size/num_blocks {sorted(pools)}; they "
+                                 "share one block table: give them one kv_cache")
     if spec.model.attn_softcap is not None and kinds - SOFTCAP_KINDS:
         raise CompatibilityError(f"model.attn_softcap is implemented for {', '.join(sorted(SOFTCAP_KINDS))} attention, "
                                  f"not {', '.join(sorted(kinds - SOFTCAP_KINDS))}; drop it or change those layers")

@@ -5,6 +5,7 @@ graph saved for ORT's C/C++ API.
 - fp16: onnxconverter-common, keeping float32 I/O (the effx function bodies are dtype-generic: CastLike).
 - int8: ORT's static QDQ quantizer (int8 weights per channel, uint8 activations: ORT's CPU kernels) calibrated on feeds
   from `effx.targets.calib` (decode graphs are calibrated on caches produced by the fp32 prefill graph);
+  a decoder's LM head (the MatMul producing logits) stays in float;
   `int8` with calib="dynamic" uses ORT's dynamic quantizer instead. ORT's pre-processing is skipped on
   purpose: its optimizer inlines the effx functions (see ../shared/notes/onnx-export-recipes.md §5).
 The effx nodes stay in float and survive both; `<graph>.ort.onnx` is ORT's extended-level optimised graph
@@ -105,18 +106,20 @@ def build_ort(src: Path, manifest: Manifest, target: TargetProfile, precision: s
             # the exporter writes x @ W^T as MatMul(x, Transpose(W)); ORT's quantizers quantize weights only
             # where MatMul reads an initializer, so the transposes are folded into the weights first
             model = fold_weight_transposes(onnx.load(str(src_path)))
+            keep_float = head_nodes(model)  # the LM head stays in float: logits decide tokens
             if feeds is None:
                 # MatMul only: ORT's dynamic quantizer would also rewrite ONNX Attention (opset 23) into
                 # com.microsoft.QAttention, which rejects Attention's attributes (is_causal, ...): attention
                 # stays in float, the projections and the MLP (most of the FLOPs) run as MatMulInteger
                 with _quiet_root_logger():
                     quantize_dynamic(model, str(dst), weight_type=QuantType.QInt8, per_channel=True,
-                                     op_types_to_quantize=list(DYNAMIC_INT8_OPS))
+                                     op_types_to_quantize=list(DYNAMIC_INT8_OPS), nodes_to_exclude=keep_float)
             else:
                 # U8 activations / S8 weights: ORT's CPU default (its int8 kernels are U8S8)
                 with _quiet_root_logger():
                     quantize_static(model, str(dst), _Reader(feeds[name]), quant_format=QuantFormat.QDQ,
-                                    per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+                                    per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                                    nodes_to_exclude=keep_float)
         built = onnx.load(str(dst), load_external_data=False)
         if built.ir_version > 10:
             built.ir_version = 10  # ORT 1.31 reads <= 13; keep what the exporter wrote
@@ -130,6 +133,20 @@ def build_ort(src: Path, manifest: Manifest, target: TargetProfile, precision: s
                      session_options=SESSION_OPTIONS | {"providers": list(target.ort_providers),
                                                         "optimized_graphs": {n: f"{n}.ort.onnx" for n in graphs}},
                      extra={"calibration": None if feeds is None else {"source": calib, "batches": samples}})
+
+
+def head_nodes(model: onnx.ModelProto) -> list[str]:
+    """Names of the MatMul/Gemm nodes that produce a decoder's logits (through elementwise ops such as
+    soft-capping): the LM head, which int8 builds keep in float (a quantised head flips near-tied tokens)."""
+    producers = {o: n for n in model.graph.node for o in n.output}
+    out = []
+    for name in [o.name for o in model.graph.output if o.name == "logits"]:
+        node = producers.get(name)
+        while node is not None and node.op_type in ("Tanh", "Mul", "Div", "Identity", "Cast"):
+            node = next((producers[i] for i in node.input if i in producers), None)
+        if node is not None and node.op_type in ("MatMul", "Gemm") and node.name:
+            out.append(node.name)
+    return out
 
 
 def fold_weight_transposes(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -5,7 +5,7 @@ CI runs a seeded sample; `python -m pytest -m sweep tests/cli/test_run_property.
 from __future__ import annotations
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from effx.core.registry import ATTENTION, compatible_layouts
@@ -51,7 +51,9 @@ def _run(spec: RunSpec, precision: str, calib: str, tmp_path, capsys, monkeypatc
     assert code == 0 and stdout.rstrip().endswith("PASS"), (spec.to_dict(), precision, calib, err[-500:])
 
 
-_COMMON = dict(deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+# no shrinking: each example is a whole `effx run`; a failure reports the example that failed, as drawn
+_COMMON = dict(deadline=None, derandomize=True, suppress_health_check=list(HealthCheck),
+               phases=[Phase.explicit, Phase.reuse, Phase.generate])
 
 
 @settings(max_examples=4, **_COMMON)

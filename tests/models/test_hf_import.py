@@ -150,7 +150,8 @@ def test_unsupported_model_type_is_one_line(tmp_path):
         import_hf(tmp_path)
     msg = str(exc.value)
     assert "\n" not in msg and "'t5' is not supported" in msg and str(tmp_path / "config.json") in msg
-    assert msg.endswith("effx imports bert, roberta, distilbert, gpt2, llama")
+    assert msg.endswith("effx imports bert, roberta, distilbert, gpt2, llama, mistral, qwen2, qwen3, phi3, gemma2, "
+                        "gemma3_text, gemma3")
 
 
 def test_missing_folder_config_and_weights_name_the_file(tmp_path, bert_dir):

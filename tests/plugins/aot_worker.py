@@ -77,7 +77,8 @@ TORCH_PATH_KERNELS = {
          **{n: "i32" for n in ("H", "H_KV", "NQ", "NK", "W", "BS", "LB", "GB", "SB", "PAGE", "MAX_BLOCKS", "CHUNK",
                                "NUM_SPLITS")},
          "ws_m_ptr": "*fp32", "ws_l_ptr": "*fp32", "ws_has_ptr": "*i32", "ws_acc_ptr": "*fp32"},
-        [{"SCALE": 0.125, "MASK_KIND": kind, "CAUSAL": True, "PAGED": paged, "HEAD_DIM": 64, "BLOCK_M": 16,
+        [{"SCALE": 0.125, "SOFTCAP": 0.0, "MASK_KIND": kind, "CAUSAL": True, "PAGED": paged, "HEAD_DIM": 64,
+          "BLOCK_M": 16,
           "BLOCK_N": 64, "BLOCK_D": 64, "SCAN": 1024} for kind, paged in ((1, False), (2, False), (1, True))]),
     ("attention", "softmax_combine_kernel"): (
         {"ws_m_ptr": "*fp32", "ws_l_ptr": "*fp32", "ws_has_ptr": "*i32", "ws_acc_ptr": "*fp32", "v_ptr": "*fp16",

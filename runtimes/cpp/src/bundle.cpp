@@ -134,6 +134,22 @@ CachePlan parse_cache(const json& j) {
         for (const auto& s : *it)
             if (s.is_string()) p.protocol.push_back(s.get<std::string>());
     }
+    if (auto it = j.find("layers"); it != j.end() && it->is_array()) {
+        for (const auto& l : *it) {
+            LayerCache lc;
+            lc.index = get<int64_t>(l, "index", w + ".layers");
+            const std::string lw = w + ".layers." + std::to_string(lc.index);
+            lc.kind = get<std::string>(l, "kind", lw);
+            lc.layout = get<std::string>(l, "layout", lw);
+            lc.grows = get<bool>(l, "grows", lw);
+            for (const auto& t : at(l, "tensors", lw))
+                if (t.is_string()) lc.tensors.push_back(t.get<std::string>());
+            if (auto pit = l.find("params"); pit != l.end() && pit->is_object())
+                for (auto kv = pit->begin(); kv != pit->end(); ++kv)
+                    if (kv->is_number_integer()) lc.int_params[kv.key()] = kv->get<int64_t>();
+            p.layers.push_back(std::move(lc));
+        }
+    }
     return p;
 }
 
@@ -172,6 +188,20 @@ const TensorSpec* GraphSpec::output(const std::string& n) const {
 const DimRange* GraphSpec::dim(const std::string& n) const {
     auto it = dims.find(n);
     return it == dims.end() ? nullptr : &it->second;
+}
+
+bool CachePlan::paged() const {
+    if (layout == "paged") return true;
+    for (const auto& l : layers)
+        if (l.layout == "paged") return true;
+    return false;
+}
+
+bool CachePlan::has_past_sequence() const {
+    if (layers.empty()) return grows && layout != "paged";
+    for (const auto& l : layers)
+        if (l.layout == "contiguous" || l.layout == "multiscale") return true;
+    return false;
 }
 
 const CacheTensor* CachePlan::by_input(const std::string& n) const {

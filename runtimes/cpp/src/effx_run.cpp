@@ -377,7 +377,7 @@ public:
         check_range(prefill.spec(), "sequence", o.seq, "--seq");
         if (o.steps > 0) {
             check_range(decode.spec(), "batch", o.batch, "--batch");
-            if (plan_.grows && plan_.layout != "paged")
+            if (plan_.has_past_sequence())
                 check_range(decode.spec(), "past_sequence", tokens_total_ - 1, "--seq + --steps - 1 (cached tokens)");
         }
         if (bundle_.max_seq_len > 0 && tokens_total_ > bundle_.max_seq_len)
@@ -385,7 +385,7 @@ public:
                         std::to_string(bundle_.max_seq_len));
         vocab_ = vocab_of(b, prefill.spec());
         prompt_ = random_tokens(static_cast<size_t>(o.batch * o.seq), vocab_, o.seed);
-        if (plan_.layout == "paged") make_block_table();
+        if (plan_.paged()) make_block_table();
         for (const auto& t : plan_.tensors) {
             CacheSlot s;
             s.plan = &t;

@@ -65,15 +65,30 @@ struct ControlInput {
     std::string meaning;
 };
 
-struct CachePlan {
+// One layer's part of the cache (models that mix attention kinds mix layouts: kv_cache.layers).
+struct LayerCache {
+    int64_t index = 0;
+    std::string kind;    // the layer's attention kind
     std::string layout;  // contiguous | paged | ring | state | multiscale
+    std::vector<std::string> tensors;  // its past.{index}.* inputs
+    bool grows = false;
+    std::map<std::string, int64_t> int_params;  // window (ring), factor (multiscale), block_size (paged)
+};
+
+struct CachePlan {
+    std::string layout;  // contiguous | paged | ring | state | multiscale, or hybrid when layers differ
     std::string dtype;
     std::vector<CacheTensor> tensors;
     std::vector<ControlInput> controls;
     bool grows = false;
     std::map<std::string, int64_t> int_params;  // integer entries of params (block_size, num_blocks, window)
     std::vector<std::string> protocol;
+    std::vector<LayerCache> layers;  // empty in manifests written before per-layer plans
 
+    // Whether some layer is paged: the host then keeps one block table (and new_lengths) for them.
+    bool paged() const;
+    // Whether some layer's cache grows along the past_sequence axis (contiguous layers).
+    bool has_past_sequence() const;
     const CacheTensor* by_input(const std::string& n) const;
     const CacheTensor* by_output(const std::string& n) const;
     const ControlInput* control(const std::string& n) const;
