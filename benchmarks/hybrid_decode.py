@@ -124,7 +124,7 @@ def main() -> None:
             results["models"][name] = measure(Path(work) / name / "cpu", contexts, args.steps, args.threads)
     h, g = results["models"].values()
     results["ratios"] = [{"context": a["context"], "cache_bytes": a["cache_bytes"] / b["cache_bytes"],
-                          "decode_speedup": a["decode_tokens_per_s"] / b["decode_tokens_per_s"]} for a, b in zip(h, g)]
+                          "decode_speedup": a["decode_tokens_per_s"] / b["decode_tokens_per_s"]} for a, b in zip(h, g, strict=True)]
     for r in results["ratios"]:
         print(f"context {r['context']}: cache {r['cache_bytes']:.3f}x of all-global, decode {r['decode_speedup']:.2f}x")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
