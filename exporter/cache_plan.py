@@ -27,8 +27,10 @@ _PROTOCOL = {
     "multiscale": [
         "Allocate every past.{i}.* from the shapes below as zeros (or run prefill.onnx on the prompt).",
         "Each step: feed present.{i}.* back as past.{i}.*; past_lengths = tokens seen so far.",
-        "Factor-1 layers grow key/value by one row per token; factor-f layers grow their pooled key/value by one row "
-        "per f tokens and keep fewer than f unpooled tokens in tail_q/k/v (start: f - 1 zero rows).",
+        "Factor-1 layers grow key/value by one row per token; a factor-f level grows its pooled key/value by one row "
+        "per f tokens. The first layer below each shortening by k also carries its tail (the activations since the "
+        "last complete group, fewer than k: start with k - 1 zero rows, the causal shift) and last_out (the level's "
+        "output for the newest group).",
     ],
     "paged": [
         "Allocate past.{i}.key_pool/value_pool once: zeros [num_blocks, block_size, H_kv, head_dim]; they are shared "

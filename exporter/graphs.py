@@ -22,6 +22,17 @@ EXAMPLE_SEQ = 3
 EXAMPLE_PAST = 5
 
 
+def example_lengths(model: EffxModel) -> tuple[int, int]:
+    """(new tokens, cached tokens) of the tracing examples. An hourglass must complete >= 2 groups at every
+    level in both examples: a size of 1 would be specialised (silently, on an internal dimension) by the
+    exporter, and the graphs would only take steps that complete exactly one group."""
+    hourglass = getattr(model, "hourglass", None)
+    if hourglass is None:
+        return EXAMPLE_SEQ, EXAMPLE_PAST
+    deepest = max(model.spec.attention.factors)
+    return 2 * deepest + 1, EXAMPLE_PAST
+
+
 @dataclass
 class GraphPlan:
     name: str  # file stem and manifest key
@@ -103,7 +114,8 @@ def plan_graphs(model: EffxModel, max_batch: int = 8) -> list[GraphPlan]:
     batch_range = (1, 1, max(max_batch, EXAMPLE_BATCH))
     seq_range = (1, min(128, max_seq), max_seq)
     g = torch.Generator().manual_seed(spec.model.seed)
-    ids = torch.randint(0, spec.model.vocab_size, (EXAMPLE_BATCH, EXAMPLE_SEQ + EXAMPLE_PAST), generator=g)
+    new, past = example_lengths(model)
+    ids = torch.randint(0, spec.model.vocab_size, (EXAMPLE_BATCH, new + past), generator=g)
     if spec.model.family == "encoder":
         mask = torch.ones_like(ids)
         mask[1, -2:] = 0  # an example with padding, so the mask path is traced
@@ -136,24 +148,27 @@ def _flat(layers: list[LayerState], prefix: str) -> tuple[list[Tensor], list[str
 
 
 def _state_dims(model: EffxModel, batch: Dim) -> list[dict[int, Dim]]:
-    """Dynamic axes of each cache tensor: batch (not for pools), and the lengths that grow per layer."""
+    """Dynamic axes of each cache tensor: batch (not for pools), and the lengths that grow per layer: the
+    tokens so far (contiguous, hourglass layers at factor 1), the pooled tokens of an hourglass level (one Dim
+    per factor: every layer of a level holds as many), the tail of a shortening (0 .. k - 1 activations)."""
     layouts = layer_layouts(model)
-    past = Dim("past_sequence", min=0, max=model.spec.model.max_seq_len)
+    max_len = model.spec.model.max_seq_len
+    past = Dim("past_sequence", min=0, max=max_len)
+    level: dict[int, Dim] = {}
     dims = []
     for i, layer in enumerate(model.empty_cache(1).layers):
         layout = layouts[i]
-        groups = Dim(f"past_groups_{i}", min=0, max=model.spec.model.max_seq_len)
-        tail = Dim(f"tail_{i}", min=0, max=model.spec.model.max_seq_len)
+        factor = getattr(model.blocks[i].attn, "factor", 1)
         for name in layer:
             if layout == "paged":
                 dims.append({})
-            elif layout == "contiguous" or (layout == "multiscale" and name in ("key", "value") and
-                                             len(layer) == 2):
+            elif name in ("key", "value") and (layout == "contiguous" or (layout == "multiscale" and factor == 1)):
                 dims.append({0: batch, 2: past})
             elif layout == "multiscale" and name in ("key", "value"):
-                dims.append({0: batch, 2: groups})
-            elif layout == "multiscale" and name.startswith("tail_"):
-                dims.append({0: batch, 2: tail})
+                level.setdefault(factor, Dim(f"past_groups_f{factor}", min=0, max=max_len))
+                dims.append({0: batch, 2: level[factor]})
+            elif layout == "multiscale" and name == "tail":
+                dims.append({0: batch, 1: Dim(f"tail_{i}", min=0, max=max_len)})
             else:
                 dims.append({0: batch})
     return dims
@@ -162,20 +177,21 @@ def _state_dims(model: EffxModel, batch: Dim) -> list[dict[int, Dim]]:
 def _example_cache(model: EffxModel, ids: Tensor):
     cache = model.empty_cache(ids.shape[0])
     with torch.no_grad():
-        _, cache = model.step(ids[:, :EXAMPLE_PAST], cache)
+        _, cache = model.step(ids[:, :example_lengths(model)[1]], cache)
     return cache
 
 
 def _prefill_plan(model, ids, batch, seq, batch_range, seq_range) -> GraphPlan:
     layouts = layer_layouts(model)
-    prompt = ids[:, :EXAMPLE_SEQ]
+    new, _ = example_lengths(model)
+    prompt = ids[:, :new]
     args: list[Tensor] = [prompt]
     names = ["input_ids"]
     dyn: list = [{0: batch, 1: seq}]
     empty = model.empty_cache(ids.shape[0])
     if "paged" in layouts:  # the paged layers' pools are the host's: the prefill takes them
-        empty = empty.reserve(EXAMPLE_SEQ)
-        args += [torch.full((ids.shape[0],), EXAMPLE_SEQ, dtype=torch.int64), empty.block_table]
+        empty = empty.reserve(new)
+        args += [torch.full((ids.shape[0],), new, dtype=torch.int64), empty.block_table]
         names += ["new_lengths", "block_table"]
         dyn += [{0: batch}, {0: batch}]
         for i, layer in enumerate(empty.layers):
@@ -191,13 +207,14 @@ def _prefill_plan(model, ids, batch, seq, batch_range, seq_range) -> GraphPlan:
 
 def _decode_plan(model, ids, batch, seq, batch_range, seq_range) -> GraphPlan:
     cache = _example_cache(model, ids)
-    new = ids[:, EXAMPLE_PAST:EXAMPLE_PAST + EXAMPLE_SEQ]
+    n_new, n_past = example_lengths(model)
+    new = ids[:, n_past:n_past + n_new]
     args: list[Tensor] = [new, cache.lengths.clone()]
     names = ["input_ids", "past_lengths"]
     dyn: list = [{0: batch, 1: seq}, {0: batch}]
     if "paged" in layer_layouts(model):
-        cache = cache.reserve(EXAMPLE_SEQ)
-        args += [torch.full((ids.shape[0],), EXAMPLE_SEQ, dtype=torch.int64), cache.block_table]
+        cache = cache.reserve(n_new)
+        args += [torch.full((ids.shape[0],), n_new, dtype=torch.int64), cache.block_table]
         names += ["new_lengths", "block_table"]
         dyn += [{0: batch}, {0: batch}]
     states, state_names_ = _flat(cache.layers, "past")

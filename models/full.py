@@ -16,7 +16,7 @@ class FullAttention(SoftmaxAttention):
 
     def __init__(self, spec, layer_index, rope, shared=None):
         super().__init__(spec, layer_index, rope, shared)
-        self.impl = self.params.impl
+        self.impl = getattr(self.params, "impl", "sdpa")  # hourglass layers: SDPA
 
     def attend_sequence(self, q, k, v, positions, key_mask):
         if key_mask is None and attention_impl(self.impl) == "sdpa" and not self.softcap:  # no padding: SDPA's own causal flag, no mask tensor

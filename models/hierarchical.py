@@ -1,25 +1,35 @@
-"""Hierarchical (hourglass) attention (Nawrot et al. 2021, Alg. 1).
+"""The hourglass transformer (Nawrot et al. 2021, "Hierarchical Transformers Are More Efficient Language
+Models", Alg. 1): whole layers run at shortened resolutions.
 
-The layers of the model form an hourglass over the shorten factors, e.g. factors [1, 4, 16] give levels
-1, 4, 16, 4, 1 (layers split between them). A layer at factor f pools Q, K, V in groups of f (causal: after
-a shift right by f - 1), runs softmax attention over the n/f pooled tokens and upsamples by repeat: cost
-(n/f)^2 instead of n^2. Factor 1 is plain softmax attention, so factors [1] is the base model.
+    x  = PreVanilla(x)                                  layers at factor 1
+    x' = Shorten(ShiftRight(x, k - 1), k)               average (or learned linear) pooling over groups of k
+    x' = ShortenedLayers(x')                             attention AND MLP on n/k tokens (recursively: [1, 4, 16])
+    x  = x + Upsample(x', k)                             repeat (or learned linear), residual from before shortening
+    x  = PostVanilla(x)
 
-Decoding (multiscale cache), derived from Alg. 1 + §2.2: a factor-f layer keeps the pooled keys/values of
-finished groups, the q/k/v of the group still filling (the "tail", f - 1 zero tokens at the start, which is
-the shift), and its last pooled output. A group finishes at position jf; each finished group runs one
-pooled query, and positions jf .. jf + f - 1 read that output.
+`attention.factors` [1, 4, 16] gives levels 1, 4, 16, 4, 1 over the layers (hourglass_schedule). Decoders
+shift right by k - 1 before pooling (§2.2, App. A.2): pooled token j averages positions jk - k + 1 .. jk, and
+position p reads pooled token floor(p / k), which ends at or before p, so no future token leaks. Encoders
+pool without the shift (padding pools as zeros; a pooled token is real if any of its tokens is). Every layer
+is exact softmax attention at its level's resolution (SDPA; ONNX `Attention` at opset >= 23), so no n x n
+tensor exists at a shortened level.
+
+Decoding (multiscale cache): every layer caches keys/values at its level (contiguous; a factor-k level grows
+by one entry per k tokens). Each shortening keeps, in the cache of the first layer below it, the activations
+since the last complete group (`tail`, starting as the k - 1 zeros of the shift) and the shortened level's
+output for the newest group (`last_out`): a new token runs the shortened layers only when it completes a
+group, and positions inside a group reuse `last_out`. With factors [1] this is the base transformer.
 """
 
 from __future__ import annotations
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from effx.core.errors import EffxError
-from effx.models.attention import AttentionBase
-from effx.plugins.common import arange_positions, causal_allowed, softmax_attention
-from effx.plugins.hourglass import hourglass_attention, pool_groups
+from effx.models.attention import StepInputs
+from effx.models.full import FullAttention
+from effx.plugins.common import causal_allowed, softmax_attention
 
 
 def hourglass_schedule(n_layers: int, factors: list[int]) -> list[int]:
@@ -36,59 +46,188 @@ def hourglass_schedule(n_layers: int, factors: list[int]) -> list[int]:
     return [f for f, size in zip(levels, sizes, strict=True) for _ in range(size)]
 
 
-class HierarchicalAttention(AttentionBase):
+class HierarchicalAttention(FullAttention):
+    """A layer of the hourglass: exact softmax attention over the sequence of its level (whole tokens at factor
+    1, pooled tokens at factor k), cached contiguously at that level."""
+
     kind = "hierarchical"
+    paged_window = None
 
     def __init__(self, spec, layer_index, rope, shared=None):
         super().__init__(spec, layer_index, rope, shared)
         self.factor = hourglass_schedule(spec.model.n_layers, self.params.factors)[layer_index]
 
-    def attend_sequence(self, q, k, v, positions, key_mask):
-        # pooled softmax attention at 1/f resolution, each position reads its group's output
-        k_valid = None if key_mask is None else key_mask.to(q.dtype)
-        return hourglass_attention(q, k, v, k_valid, self.factor, self.causal, self.scale)
-
     def empty_state(self, batch, cache_spec, dtype, device):
         if cache_spec.layout != "multiscale":
             raise EffxError(f"kv_cache.layout={cache_spec.layout} does not fit attention.kind=hierarchical")
-
-        def zeros(heads: int, n: int) -> Tensor:
-            return torch.zeros(batch, heads, n, self.head_dim, dtype=dtype, device=device)
-
-        state = {"key": zeros(self.n_kv_heads, 0), "value": zeros(self.n_kv_heads, 0)}
-        if self.factor > 1:  # the f - 1 zero tokens are the causal shift of the first group
-            f = self.factor
-            state |= {"tail_q": zeros(self.n_heads, f - 1), "tail_k": zeros(self.n_kv_heads, f - 1),
-                      "tail_v": zeros(self.n_kv_heads, f - 1), "last_out": zeros(self.n_heads, 1)}
-        return state
+        z = torch.zeros(batch, self.n_kv_heads, 0, self.head_dim, dtype=dtype, device=device)
+        return {"key": z, "value": z.clone()}
 
     def attend_step(self, q, k, v, state, inputs):
-        f = self.factor
-        if f == 1:  # plain causal attention over a contiguous cache
-            k_all, v_all = torch.cat([state["key"], k], 2), torch.cat([state["value"], v], 2)
-            if inputs.fresh:
-                return hourglass_attention(q, k, v, None, 1, True, self.scale), {"key": k_all, "value": v_all}
-            k_pos = arange_positions(k.shape[0], k_all.shape[2], k.device)
-            y = softmax_attention(q, k_all, v_all, causal_allowed(inputs.q_pos, k_pos), self.scale)
-            return y, {"key": k_all, "value": v_all}
-        cq = torch.cat([state["tail_q"], q], 2)  # (B,H,r+S,D): unpooled tokens since the last finished group
-        ck, cv = torch.cat([state["tail_k"], k], 2), torch.cat([state["tail_v"], v], 2)
-        done = cq.shape[2] // f * f  # tokens of the groups finished in this step
-        pooled_k = torch.cat([state["key"], pool_groups(ck[:, :, :done], f)], 2)  # (B,H_kv,J+g,D)
-        pooled_v = torch.cat([state["value"], pool_groups(cv[:, :, :done], f)], 2)
-        tails = {"tail_q": cq[:, :, done:], "tail_k": ck[:, :, done:], "tail_v": cv[:, :, done:]}
-        if inputs.fresh:  # a prompt: the whole-sequence op, and the last group's output read back from it
-            y = hourglass_attention(q, k, v, None, f, True, self.scale)
-            last = (pooled_k.shape[2] - 1) * f  # position that reads the last finished group
-            return y, {"key": pooled_k, "value": pooled_v, **tails, "last_out": y[:, :, last:last + 1]}
-        new_q = pool_groups(cq[:, :, :done], f)  # (B,H,g,D), pooled queries of the new groups
-        j_old = state["key"].shape[2]
-        b = q.shape[0]
-        q_groups = arange_positions(b, new_q.shape[2], q.device) + j_old  # pooled positions J..J+g-1
-        k_groups = arange_positions(b, pooled_k.shape[2], q.device)
-        new_out = softmax_attention(new_q, pooled_k, pooled_v, causal_allowed(q_groups, k_groups), self.scale)
-        outs = torch.cat([state["last_out"], new_out], 2)  # (B,H,1+g,D): index 0 is group J-1
-        # position p reads group p // f, which sits at index p // f - (J - 1) of outs
-        idx = (inputs.q_pos // f - (j_old - 1))[:, None, :, None].expand(-1, q.shape[1], -1, q.shape[3])
-        y = outs.gather(2, idx)  # (B,H,S,D)
-        return y, {"key": pooled_k, "value": pooled_v, **tails, "last_out": outs[:, :, -1:]}
+        if self.factor == 1:
+            return self._step_contiguous(q, k, v, state, inputs)
+        # a decode step of a shortened level has no new query when no group completes: the explicit form runs on
+        # zero rows (ONNX Runtime's Attention kernel refuses an empty query)
+        k_all, v_all = torch.cat([state["key"], k], 2), torch.cat([state["value"], v], 2)  # (B,H_kv,J+g,D)
+        k_pos = torch.arange(k_all.shape[2], device=k.device).expand(k.shape[0], -1)
+        y = softmax_attention(q, k_all, v_all, causal_allowed(inputs.q_pos, k_pos), self.scale)
+        return y, {"key": k_all, "value": v_all}
+
+
+class Shorten(nn.Module):
+    """Groups of k tokens -> one: their mean, or a learned linear map of the concatenated group (LinearPool)."""
+
+    def __init__(self, d_model: int, ratio: int, kind: str):
+        super().__init__()
+        self.ratio, self.kind = ratio, kind
+        if kind == "linear":
+            self.proj = nn.Linear(ratio * d_model, d_model)
+
+    def pool(self, x: Tensor) -> Tensor:
+        """(B, g * k, C) -> (B, g, C)."""
+        b, n, c = x.shape
+        groups = x.reshape(b, n // self.ratio, self.ratio, c)  # (B,g,k,C)
+        return groups.mean(2) if self.kind == "avg" else self.proj(groups.reshape(b, n // self.ratio, self.ratio * c))
+
+    def forward(self, x: Tensor, causal: bool, key_mask: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """The whole sequence shortened: (B, n, C) -> (B, ceil(n/k), C), and the pooled key mask."""
+        b, n, c = x.shape
+        k = self.ratio
+        groups = -(-n // k)
+        if key_mask is not None:
+            x = x * key_mask[:, :, None].to(x.dtype)  # padding pools as zeros
+        shift = k - 1 if causal else 0  # decoders: shift right by k - 1 (no future token in a group)
+        fill = groups * k - n  # encoders: zeros to whole groups; decoders: the shift covers it
+        padded = torch.cat([x.new_zeros(b, shift, c), x, x.new_zeros(b, fill, c)], 1)[:, :groups * k]
+        mask = None
+        if key_mask is not None:
+            m = torch.cat([key_mask.new_zeros(b, shift), key_mask, key_mask.new_zeros(b, fill)], 1)[:, :groups * k]
+            mask = m.reshape(b, groups, k).amax(-1)  # a pooled token is real if any of its tokens is
+        return self.pool(padded), mask
+
+
+class Upsample(nn.Module):
+    """One pooled token -> k positions: repeat, or a learned linear map per offset in the group."""
+
+    def __init__(self, d_model: int, ratio: int, kind: str):
+        super().__init__()
+        self.ratio, self.kind = ratio, kind
+        if kind == "linear":
+            self.proj = nn.Linear(d_model, ratio * d_model)
+
+    def expand(self, y: Tensor) -> Tensor:
+        """(B, g, C) -> (B, g, k, C): the value each offset of each group takes."""
+        b, g, c = y.shape
+        if self.kind == "repeat":
+            return y[:, :, None].expand(b, g, self.ratio, c)
+        return self.proj(y).reshape(b, g, self.ratio, c)
+
+    def forward(self, y: Tensor, n: int) -> Tensor:
+        """Position p < n takes group p // k: (B, g, C) -> (B, n, C)."""
+        b, g, c = y.shape
+        return self.expand(y).reshape(b, g * self.ratio, c)[:, :n]
+
+    def at(self, y: Tensor, groups: Tensor, offsets: Tensor) -> Tensor:
+        """Positions given by (group index into y, offset in the group), both (B, S): (B, S, C)."""
+        e = self.expand(y)  # (B,g,k,C)
+        b, g, k, c = e.shape
+        flat = (groups * k + offsets)[:, :, None].expand(-1, -1, c)
+        return e.reshape(b, g * k, c).gather(1, flat)
+
+
+class Hourglass(nn.Module):
+    """The shortenings and upsamplings between the levels of the layers, and the walk over them."""
+
+    def __init__(self, spec, factors: list[int]):
+        super().__init__()
+        a, m = spec.attention, spec.model
+        self.causal = m.causal
+        self.factors = factors  # per layer
+        self.shorten = nn.ModuleList()
+        self.upsample = nn.ModuleList()
+        self.transitions: list[list[tuple[str, int]]] = []  # before each layer: ("down" | "up", boundary)
+        stack: list[int] = []
+        current = 1
+        for f in factors:
+            moves = []
+            while f > current:  # levels go one step at a time: 1 -> 4 -> 16
+                nxt = next(x for x in a.factors if x > current)
+                self.shorten.append(Shorten(m.d_model, nxt // current, a.shorten))
+                self.upsample.append(Upsample(m.d_model, nxt // current, a.upsample))
+                stack.append(len(self.shorten) - 1)
+                moves.append(("down", stack[-1]))
+                current = nxt
+            while f < current:
+                moves.append(("up", stack.pop()))
+                current = max(x for x in a.factors if x < current)
+            self.transitions.append(moves)
+        self.final = [("up", b) for b in reversed(stack)]  # back to full resolution after the last layer
+        # the layer that keeps a boundary's decode state (tail, last_out): the first one below it
+        self.owner = {b: i for i, moves in enumerate(self.transitions) for kind, b in moves if kind == "down"}
+
+    # -- whole sequence ------------------------------------------------------------------------------------
+    def forward(self, blocks: nn.ModuleList, x: Tensor, positions: Tensor, key_mask: Tensor | None) -> Tensor:
+        stack: list[tuple[Tensor, Tensor, Tensor | None]] = []
+        for block, moves in zip(blocks, self.transitions, strict=True):
+            x, positions, key_mask = self._move(moves, x, positions, key_mask, stack)
+            x = block(x, positions, key_mask)
+        x, _, _ = self._move(self.final, x, positions, key_mask, stack)
+        return x
+
+    def _move(self, moves, x, positions, key_mask, stack):
+        for kind, b in moves:
+            if kind == "down":
+                stack.append((x, positions, key_mask))
+                x, key_mask = self.shorten[b](x, self.causal, key_mask)
+                positions = torch.arange(x.shape[1], device=x.device).expand(x.shape[0], -1)
+            else:
+                x_res, positions, key_mask = stack.pop()
+                x = x_res + self.upsample[b](x, x_res.shape[1])
+        return x, positions, key_mask
+
+    # -- decoding --------------------------------------------------------------------------------------------
+    def empty_boundary(self, b: int, batch: int, d_model: int, dtype, device) -> dict[str, Tensor]:
+        """A boundary's state before the first token: the k - 1 zeros of the shift, and no output yet."""
+        k = self.shorten[b].ratio
+        return {"tail": torch.zeros(batch, k - 1, d_model, dtype=dtype, device=device),
+                "last_out": torch.zeros(batch, 1, d_model, dtype=dtype, device=device)}
+
+    def step(self, blocks: nn.ModuleList, x: Tensor, states: list[dict[str, Tensor]],
+             inputs: StepInputs) -> tuple[Tensor, list[dict[str, Tensor]]]:
+        """New tokens (B, S, C) at positions inputs.q_pos against every layer's cache; levels below run only
+        for the groups the new tokens complete."""
+        new_states = [dict(s) for s in states]
+        stack: list[tuple] = []
+        level = inputs
+        for i, (block, moves) in enumerate(zip(blocks, self.transitions, strict=True)):
+            x, level = self._step_move(moves, x, level, new_states, stack)
+            attn = {k: v for k, v in new_states[i].items() if k in ("key", "value")}
+            x, attn = block(x, state=attn, inputs=level)
+            new_states[i] |= attn
+        x, _ = self._step_move(self.final, x, level, new_states, stack)
+        return x, new_states
+
+    def _step_move(self, moves, x, level: StepInputs, states, stack):
+        for kind, b in moves:
+            owner = states[self.owner[b]]
+            k = self.shorten[b].ratio
+            if kind == "down":
+                c = torch.cat([owner["tail"], x], 1)  # activations since the last complete group, then the new ones
+                done = c.shape[1] // k * k
+                pooled = self.shorten[b].pool(c[:, :done])  # (B, g, C): the groups completed now
+                owner["tail"] = c[:, done:]
+                stack.append((x, level, b))
+                j = -(-level.lengths // k)  # (B,) pooled tokens before this step: ceil(P / k)
+                g = pooled.shape[1]
+                q_pos = j[:, None] + torch.arange(g, device=x.device)[None, :]
+                level = StepInputs(j, q_pos, torch.full_like(j, g), None, level.fresh)
+                x = pooled
+            else:
+                x_res, outer, b = stack.pop()
+                outs = torch.cat([owner["last_out"], x], 1)  # index 0: the newest group before this step
+                owner["last_out"] = outs[:, -1:]
+                j = -(-outer.lengths // k)
+                group = outer.q_pos // k - (j[:, None] - 1)  # each new position's group, as an index into outs
+                x = x_res + self.upsample[b].at(outs, group, outer.q_pos % k)
+                level = outer
+        return x, level

@@ -27,7 +27,7 @@ from effx.models.cache import (
     zeros_lengths,
 )
 from effx.models.full import FullAttention
-from effx.models.hierarchical import HierarchicalAttention, hourglass_schedule
+from effx.models.hierarchical import HierarchicalAttention, Hourglass, hourglass_schedule
 from effx.models.linear import LinearAttention
 from effx.models.linformer import LinformerAttention, init_projection
 from effx.models.local import LocalAttention
@@ -116,6 +116,9 @@ class EffxModel(nn.Module):
         self.norm = make_norm(m.norm, m.d_model, m.norm_eps) if m.final_norm else None
         self.lm_head = (nn.Linear(m.d_model, m.vocab_size, bias=False)
                         if m.family == "decoder" and not m.tie_embeddings else None)
+        # an hourglass shortens and upsamples between its levels (created last: other weights keep their seeds)
+        self.hourglass = (Hourglass(spec, [blk.attn.factor for blk in self.blocks])
+                          if spec.attention.kind == "hierarchical" else None)
 
     @property
     def family(self) -> str:
@@ -152,6 +155,8 @@ class EffxModel(nn.Module):
             )
         positions = torch.arange(n, device=input_ids.device).expand(b, n)
         x = self.embed_tokens(input_ids, positions)
+        if self.hourglass is not None:
+            return self.head(self.hourglass(self.blocks, x, positions, attention_mask))
         for block in self.blocks:
             x = block(x, positions, attention_mask)
         return self.head(x)
@@ -170,6 +175,9 @@ class EffxModel(nn.Module):
         dtype = dtype or self.embed.weight.dtype
         specs = [layer.kv_cache for layer in self.spec.resolved_layers()]
         layers = [blk.attn.empty_state(batch, spec, dtype, device) for blk, spec in zip(self.blocks, specs, strict=True)]
+        if self.hourglass is not None:  # each shortening's tail and last output, with the first layer below it
+            for b, owner in self.hourglass.owner.items():
+                layers[owner] |= self.hourglass.empty_boundary(b, batch, self.spec.model.d_model, dtype, device)
         lengths = zeros_lengths(batch, device)
         layout = self.spec.cache_layout
         paged = next((spec for spec in specs if spec.layout == "paged"), None)
@@ -220,6 +228,9 @@ class EffxModel(nn.Module):
         q_pos = lengths[:, None] + torch.arange(s, device=input_ids.device)[None, :]  # (B,S)
         inputs = StepInputs(lengths, q_pos, new_lengths, block_table, fresh)
         x = self.embed_tokens(input_ids, q_pos)
+        if self.hourglass is not None:
+            x, new_layers = self.hourglass.step(self.blocks, x, layers, inputs)
+            return self.head(x), new_layers
         new_layers = []
         for block, state in zip(self.blocks, layers, strict=True):
             x, state = block(x, state=state, inputs=inputs)

@@ -14,6 +14,7 @@ DECODER_CASES = [
     ("linear", "state", {"feature_map": "elu"}, {}),
     ("linear", "state", {"feature_map": "favor", "nb_features": 24}, {}),
     ("hierarchical", "multiscale", {"factors": [1, 3]}, {}),
+    ("hierarchical", "multiscale", {"factors": [1, 2, 4], "shorten": "linear", "upsample": "linear"}, {}),
 ]
 ENCODER_CASES = [
     ("full", {}),

@@ -144,8 +144,8 @@ def attention(sd: dict, spec, layer: int, x: Tensor, key_mask: Tensor | None) ->
                 num = torch.einsum("hm,hkm,hkd->hd", fq[:, t], fk[:, seen], vb[:, seen])
                 den = torch.einsum("hm,hkm->h", fq[:, t], fk[:, seen])[:, None] + a.eps
                 out[bi, :, t] = num / den
-        elif a.kind == "hierarchical":
-            out[bi] = _hourglass(qb, kb, vb, valid[bi], _factor(spec, layer), causal, scale)
+        elif a.kind == "hierarchical":  # a layer of the hourglass: exact attention at its level's resolution
+            out[bi] = _softmax_attention(qb, kb, vb, _allowed("full", a, i, j, causal) & valid[bi][None, :], scale)
         else:
             raise NotImplementedError(a.kind)
     return _linear(out.transpose(1, 2).reshape(b, n, h * d), sd, f"{p}.o_proj")
@@ -175,31 +175,81 @@ def _factor(spec, layer: int) -> int:
     return [f for f, s in zip(levels, sizes, strict=True) for _ in range(s)][layer]
 
 
-def _hourglass(q: Tensor, k: Tensor, v: Tensor, valid: Tensor, f: int, causal: bool, scale: float) -> Tensor:
-    """Average-pool q, k, v in groups of f (decoders: after a shift right by f - 1), attend over the groups,
-    and give every position the output of its group."""
-    n = q.shape[1]
-    if f == 1:
-        i, j = torch.arange(n)[:, None], torch.arange(n)[None, :]
-        allowed = (j <= i) if causal else valid[None, :].expand(n, n)
-        return _softmax_attention(q, k, v, allowed, scale)
-    keep = valid[None, :, None].to(q.dtype)
-    q, k, v = q * keep, k * keep, v * keep
-    shift = f - 1 if causal else 0
-    groups = -(-(n + shift) // f)
+def _shorten(x: Tensor, mask: Tensor | None, k: int, causal: bool, sd: dict, name: str, kind: str):
+    """Nawrot et al. Alg. 1: ShiftRight(x, k - 1) (decoders), then pool groups of k (mean, or a linear map of the
+    concatenated group); encoders pool zeros for padding, and a pooled token is real if any token of it is."""
+    b, n, c = x.shape
+    groups = -(-n // k)
+    if mask is not None:
+        x = x * mask[:, :, None]
+    seq = torch.zeros(b, groups * k + k, c)
+    start = k - 1 if causal else 0
+    seq[:, start:start + n] = x
+    seq = seq[:, :groups * k].reshape(b, groups, k, c)
+    pooled = seq.mean(2) if kind == "avg" else _linear(seq.reshape(b, groups, k * c), sd, f"{name}.proj")
+    if mask is None:
+        return pooled, None
+    m = torch.zeros(b, groups * k + k)
+    m[:, start:start + n] = mask
+    return pooled, m[:, :groups * k].reshape(b, groups, k).amax(-1)
 
-    def pool(t: Tensor) -> Tensor:
-        padded = torch.zeros(t.shape[0], groups * f, t.shape[2], dtype=t.dtype)
-        padded[:, shift:shift + n] = t
-        return padded.view(t.shape[0], groups, f, t.shape[2]).mean(2)
 
-    pooled_valid = torch.zeros(groups * f, dtype=torch.bool)
-    pooled_valid[shift:shift + n] = valid
-    pooled_valid = pooled_valid.view(groups, f).any(-1)
-    gi, gj = torch.arange(groups)[:, None], torch.arange(groups)[None, :]
-    allowed = (gj <= gi) if causal else pooled_valid[None, :].expand(groups, groups)
-    y = _softmax_attention(pool(q), pool(k), pool(v), allowed, scale)  # (H,groups,D)
-    return y[:, torch.arange(n) // f]
+def _upsample(y: Tensor, n: int, k: int, sd: dict, name: str, kind: str) -> Tensor:
+    """Position p takes pooled token p // k: repeated, or a linear map per offset p mod k."""
+    out = torch.zeros(y.shape[0], n, y.shape[2])
+    for p in range(n):
+        if kind == "repeat":
+            out[:, p] = y[:, p // k]
+        else:
+            w = sd[f"{name}.proj.weight"].view(k, y.shape[2], y.shape[2])[p % k]
+            bias = sd[f"{name}.proj.bias"].view(k, y.shape[2])[p % k]
+            out[:, p] = y[:, p // k] @ w.T + bias
+    return out
+
+
+def _block(sd: dict, spec, layer: int, x: Tensor, mask: Tensor | None) -> Tensor:
+    m = spec.model
+    p = f"blocks.{layer}"
+
+    def norm(y, name):
+        return _norm(y, sd, f"{p}.{name}", m.norm, m.norm_eps)
+
+    if m.norm_position == "post":
+        x = norm(x + attention(sd, spec, layer, x, mask), "norm1")
+        return norm(x + _mlp(x, sd, f"{p}.mlp", m.activation), "norm2")
+    if m.norm_position == "sandwich":  # Gemma: a norm before and after each sublayer
+        x = x + norm(attention(sd, spec, layer, norm(x, "norm1"), mask), "norm1_post")
+        return x + norm(_mlp(norm(x, "norm2"), sd, f"{p}.mlp", m.activation), "norm2_post")
+    x = x + attention(sd, spec, layer, norm(x, "norm1"), mask)
+    return x + _mlp(norm(x, "norm2"), sd, f"{p}.mlp", m.activation)
+
+
+def _hourglass_layers(sd: dict, spec, x: Tensor, mask: Tensor | None) -> Tensor:
+    """The layers of an hourglass: shorten when the next layer's factor is larger, upsample with the residual
+    from before that shortening when it is smaller, and back to full resolution at the end."""
+    a = spec.attention
+    causal = spec.model.family == "decoder"
+    saved: list[tuple[Tensor, Tensor | None, int]] = []  # (x before shortening, its mask, boundary)
+    current, boundaries = 1, 0
+    for layer in range(spec.model.n_layers):
+        f = _factor(spec, layer)
+        while f > current:
+            nxt = min(x for x in a.factors if x > current)
+            saved.append((x, mask, boundaries))
+            x, mask = _shorten(x, mask, nxt // current, causal, sd, f"hourglass.shorten.{boundaries}", a.shorten)
+            boundaries, current = boundaries + 1, nxt
+        while f < current:
+            prev = max(x for x in a.factors if x < current)
+            x_res, mask, b = saved.pop()
+            x = x_res + _upsample(x, x_res.shape[1], current // prev, sd, f"hourglass.upsample.{b}", a.upsample)
+            current = prev
+        x = _block(sd, spec, layer, x, mask)
+    while saved:
+        prev = max(x for x in a.factors if x < current)
+        x_res, mask, b = saved.pop()
+        x = x_res + _upsample(x, x_res.shape[1], current // prev, sd, f"hourglass.upsample.{b}", a.upsample)
+        current = prev
+    return x
 
 
 def forward(model, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
@@ -215,21 +265,12 @@ def forward(model, input_ids: Tensor, attention_mask: Tensor | None = None) -> T
         x = x + sd["pos_embed.weight"][:n]
     if m.embed_norm:
         x = _norm(x, sd, "embed_norm", m.norm, m.norm_eps)
-    for layer in range(m.n_layers):
-        p = f"blocks.{layer}"
-
-        def norm(y, name, p=p):
-            return _norm(y, sd, f"{p}.{name}", m.norm, m.norm_eps)
-
-        if m.norm_position == "post":
-            x = norm(x + attention(sd, spec, layer, x, attention_mask), "norm1")
-            x = norm(x + _mlp(x, sd, f"{p}.mlp", m.activation), "norm2")
-        elif m.norm_position == "sandwich":  # Gemma: a norm before and after each sublayer
-            x = x + norm(attention(sd, spec, layer, norm(x, "norm1"), attention_mask), "norm1_post")
-            x = x + norm(_mlp(norm(x, "norm2"), sd, f"{p}.mlp", m.activation), "norm2_post")
-        else:
-            x = x + attention(sd, spec, layer, norm(x, "norm1"), attention_mask)
-            x = x + _mlp(norm(x, "norm2"), sd, f"{p}.mlp", m.activation)
+    mask = None if attention_mask is None else attention_mask.float()
+    if spec.attention.kind == "hierarchical":
+        x = _hourglass_layers(sd, spec, x, mask)
+    else:
+        for layer in range(m.n_layers):
+            x = _block(sd, spec, layer, x, mask)
     if m.final_norm:
         x = _norm(x, sd, "norm", m.norm, m.norm_eps)
     if m.family != "decoder":

@@ -54,7 +54,8 @@ register_cache(
 register_cache(CacheEntry("ring", "RingCacheSpec", "rolling [B,H_kv,W,D]: token p in slot p mod W", grows=False))
 register_cache(CacheEntry("state", "StateCacheSpec", "recurrent S [B,H_kv,m,D] and z [B,H_kv,m]", grows=False))
 register_cache(
-    CacheEntry("multiscale", "MultiscaleCacheSpec", "pooled K/V per hourglass level + pooling tail", grows=True)
+    CacheEntry("multiscale", "MultiscaleCacheSpec", "K/V per hourglass level (1/f rows per token) + pooling tails",
+               grows=True)
 )
 
 _ENCODER_ONLY = "Linformer projects keys/values over the whole sequence (future tokens included), so it cannot "
@@ -104,8 +105,8 @@ register_attention(
 )
 register_attention(
     AttentionEntry(
-        "hierarchical", "HierarchicalSpec", "hourglass: attention at pooled resolutions, upsampled back",
-        ("encoder", "decoder"), ("multiscale",), "HourglassAttention",
+        "hierarchical", "HierarchicalSpec", "hourglass: whole layers at shortened resolutions, upsampled back",
+        ("encoder", "decoder"), ("multiscale",), None,
         {"contiguous": "hourglass layers cache pooled keys/values: use kv_cache.layout = multiscale",
          "paged": "hourglass layers cache pooled keys/values: use kv_cache.layout = multiscale",
          "ring": "hourglass layers cache pooled keys/values: use kv_cache.layout = multiscale",

@@ -156,10 +156,13 @@ class LinearSpec(_Spec):
 
 
 class HierarchicalSpec(_Spec):
-    """Hourglass (Nawrot et al. 2021): layers attend at shortened resolutions, pooled down and upsampled back."""
+    """Hourglass (Nawrot et al. 2021): whole layers run at shortened resolutions (levels 1, 4, 16, 4, 1 over the
+    layers for factors [1, 4, 16]): shortened between levels, upsampled back with a residual."""
 
     kind: Literal["hierarchical"] = "hierarchical"
     factors: list[int] = Field([1, 2], min_length=1, description="shorten factors of the hourglass levels")
+    shorten: Literal["avg", "linear"] = Field("avg", description="pooling between levels: average or learned linear")
+    upsample: Literal["repeat", "linear"] = Field("repeat", description="back up a level: repeat or learned linear")
 
     @model_validator(mode="after")
     def _check(self) -> HierarchicalSpec:

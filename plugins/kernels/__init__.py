@@ -9,8 +9,8 @@ interpreter (tests), by calling the functions of the family modules directly.
 
 Kernel families: `attention` (LocalAttention, BlockSparseAttention, PagedAttention, and the dense
 attention Linformer uses), `linformer`, `linear` (LinearAttention, LinearAttentionState).
-HourglassAttention has no kernel of its own: it is average pooling, standard softmax attention over the
-pooled tokens and a repeat, which PyTorch's SDPA and TensorRT's fused attention already cover.
+The hourglass (attention.kind = hierarchical) needs no kernel of its own: its layers are standard softmax
+attention over a shortened sequence, which PyTorch's SDPA and TensorRT's fused attention already cover.
 """
 
 from __future__ import annotations

@@ -111,8 +111,8 @@ PLUGIN_SPECS: dict[str, PluginSpec] = {
                    materialise={"omega": "for feature_map='elu' a (1, D) tensor in q's dtype (never read)"}),
     )
 }
-# effx::HourglassAttention has no plugin: pooling + standard attention, which TensorRT fuses from its
-# ONNX function body.
+# the hourglass has no plugin: its layers are standard attention over a shortened sequence (ONNX Attention or
+# MatMul/Softmax), which TensorRT imports and fuses as it is.
 
 
 # -- what each kernel is compiled with (pure python: also used by the PTX tests) ---------------------------
