@@ -42,8 +42,9 @@ def run_cell(label: str, n: int, repeats: int, threads: int) -> dict:
 
     torch.set_num_threads(threads)
     attention = KINDS[label]
-    spec = RunSpec.parse({"model": {"d_model": 512, "n_heads": 8, "n_layers": 1, "max_seq_len": n, "d_ff": 2048},
-                          "attention": attention})
+    spec = RunSpec.parse(
+        {"model": {"d_model": 512, "n_heads": 8, "n_layers": 1, "max_seq_len": n, "d_ff": 2048}, "attention": attention}
+    )
     torch.manual_seed(0)
     layer = ATTENTION_CLASSES[attention["kind"]](spec, 0, None).eval()
     x = torch.randn(1, n, 512)
@@ -57,8 +58,12 @@ def run_cell(label: str, n: int, repeats: int, threads: int) -> dict:
             layer(x, positions, None)
             times.append((time.perf_counter() - t0) * 1e3)
     times.sort()
-    return {"median_ms": times[len(times) // 2], "min_ms": times[0], "peak_extra_mb": _peak_rss_mb() - base,
-            "repeats": repeats}
+    return {
+        "median_ms": times[len(times) // 2],
+        "min_ms": times[0],
+        "peak_extra_mb": _peak_rss_mb() - base,
+        "repeats": repeats,
+    }
 
 
 def _cell_in_subprocess(label: str, n: int, repeats: int, threads: int, mem_cap_gb: float) -> dict:
@@ -91,8 +96,13 @@ def environment(threads: int) -> dict:
                 break
     except OSError:
         pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "threads": threads, "torch": torch.__version__,
-            "python": platform.python_version()}
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "threads": threads,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
 
 
 def main() -> None:
@@ -118,8 +128,10 @@ def main() -> None:
             results.setdefault(label, {})[str(n)] = cell
             print(f"n={n:>6} {label:<16} {json.dumps(cell)}", flush=True)
     ref = "full (SDPA)"
-    lines = ["| attention | " + " | ".join(f"n={n}: ms (x vs SDPA) / MB" for n in seqs) + " |",
-             "|---" * (len(seqs) + 1) + "|"]
+    lines = [
+        "| attention | " + " | ".join(f"n={n}: ms (x vs SDPA) / MB" for n in seqs) + " |",
+        "|---" * (len(seqs) + 1) + "|",
+    ]
     labels = [label for label in KINDS if label in results]
     for label in labels:
         cells = []
@@ -135,9 +147,19 @@ def main() -> None:
     print(table)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"benchmark": "attention_scaling", "setting": "1 attention layer, d_model 512, "
-                               "8 heads, batch 1, PyTorch eager", "environment": environment(args.threads),
-                               "results": results, "table_markdown": table}, indent=2) + "\n")
+    out.write_text(
+        json.dumps(
+            {
+                "benchmark": "attention_scaling",
+                "setting": "1 attention layer, d_model 512, 8 heads, batch 1, PyTorch eager",
+                "environment": environment(args.threads),
+                "results": results,
+                "table_markdown": table,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
     print(f"wrote {out}")
 
 

@@ -96,11 +96,19 @@ def run_tests() -> dict:
         env = {**os.environ, "EFFX_KERNEL_DEVICE": device}
         env.pop("TRITON_INTERPRET", None)
         t0 = time.perf_counter()
-        proc = subprocess.run([sys.executable, "-m", "pytest", "tests/plugins", "-q", "-p", "no:cacheprovider"],
-                              cwd=REPO, env=env, capture_output=True, text=True)
+        proc = subprocess.run(
+            [sys.executable, "-m", "pytest", "tests/plugins", "-q", "-p", "no:cacheprovider"],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+        )
         summary = (proc.stdout.strip().splitlines() or ["(no output)"])[-1]
-        results[device] = {"returncode": proc.returncode, "summary": summary,
-                           "seconds": round(time.perf_counter() - t0, 1)}
+        results[device] = {
+            "returncode": proc.returncode,
+            "summary": summary,
+            "seconds": round(time.perf_counter() - t0, 1),
+        }
         if proc.returncode != 0:
             results[device]["tail"] = (proc.stdout + proc.stderr)[-6000:]
         print(f"tests on {device}: {summary}", flush=True)
@@ -136,6 +144,7 @@ def prefill_cases(n: int, dtype, device) -> dict[str, tuple[Callable[[], object]
         def call():
             with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
                 return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
+
         return call
 
     return {
@@ -144,15 +153,23 @@ def prefill_cases(n: int, dtype, device) -> dict[str, tuple[Callable[[], object]
         "local w=256 causal": (lambda: attention.local_attention(q, k, v, pos, pos, 256, True, scale), True),
         "local w=256 symmetric": (lambda: attention.local_attention(q, k, v, pos, pos, 256, False, scale), False),
         "block-sparse bs64 local3 global1 causal": (
-            lambda: attention.block_sparse_attention(q, k, v, pos, pos, 64, 3, 1, 0, True, scale), True),
+            lambda: attention.block_sparse_attention(q, k, v, pos, pos, 64, 3, 1, 0, True, scale),
+            True,
+        ),
         "linformer k=128 (project + flash)": (lambda: linformer.linformer_attention(q, k, v, e, f, scale), False),
         "linformer k=128 (single launch, TensorRT form)": (
-            lambda: linformer.linformer_attention(q, k, v, e, f, scale, fused=True), False),
+            lambda: linformer.linformer_attention(q, k, v, e, f, scale, fused=True),
+            False,
+        ),
         "linear elu non-causal": (lambda: linear.linear_attention(q, k, v, None, None, "elu", 1e-6), False),
         "linear elu causal (chunked state)": (
-            lambda: linear.linear_attention_state(q, k, v, s0, z0, None, "elu", 1e-6), True),
+            lambda: linear.linear_attention_state(q, k, v, s0, z0, None, "elu", 1e-6),
+            True,
+        ),
         "linear favor m=128 causal (chunked state)": (
-            lambda: linear.linear_attention_state(q, k, v, s0f, z0f, omega, "favor", 1e-6), True),
+            lambda: linear.linear_attention_state(q, k, v, s0f, z0f, omega, "favor", 1e-6),
+            True,
+        ),
     }
 
 
@@ -169,8 +186,10 @@ def bench_prefill(seqs: list[int]) -> dict:
                 cell = {"error": f"{type(exc).__name__}: {exc}"[:500]}
             cell["causal"] = causal
             out.setdefault(label, {})[str(n)] = cell
-            print(f"prefill n={n:>6} {label:<48} {json.dumps({k: v for k, v in cell.items() if k != 'causal'})}",
-                  flush=True)
+            print(
+                f"prefill n={n:>6} {label:<48} {json.dumps({k: v for k, v in cell.items() if k != 'causal'})}",
+                flush=True,
+            )
     return out
 
 
@@ -200,9 +219,11 @@ def decode_cases(length: int, h_kv: int, dtype, device) -> dict[str, Callable[[]
         "SDPA (K/V expanded to 8 heads)": lambda: F.scaled_dot_product_attention(q, k_exp, v_exp, scale=d**-0.5),
         "effx contiguous (split-K)": lambda: attention.local_attention(q, k, v, q_pos, k_pos, length, True, d**-0.5),
         "effx contiguous (one pass, TensorRT form)": lambda: attention.local_attention(
-            q, k, v, q_pos, k_pos, length, True, d**-0.5, num_splits=1),
+            q, k, v, q_pos, k_pos, length, True, d**-0.5, num_splits=1
+        ),
         "effx paged page16 (split-K)": lambda: attention.paged_attention(
-            q, k_pool, v_pool, block_table, q_pos, seq_lens, 0, d**-0.5),
+            q, k_pool, v_pool, block_table, q_pos, seq_lens, 0, d**-0.5
+        ),
     }
 
 
@@ -235,16 +256,28 @@ def environment() -> dict:
     import triton
 
     props = torch.cuda.get_device_properties(0)
-    return {"gpu": torch.cuda.get_device_name(0), "sm": f"{props.major}{props.minor}",
-            "sms": props.multi_processor_count, "gpu_memory_gb": round(props.total_memory / 2**30, 1),
-            "cuda": torch.version.cuda, "driver": _driver_version(), "torch": torch.__version__,
-            "triton": triton.__version__, "python": platform.python_version(), "host": platform.node()}
+    return {
+        "gpu": torch.cuda.get_device_name(0),
+        "sm": f"{props.major}{props.minor}",
+        "sms": props.multi_processor_count,
+        "gpu_memory_gb": round(props.total_memory / 2**30, 1),
+        "cuda": torch.version.cuda,
+        "driver": _driver_version(),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "python": platform.python_version(),
+        "host": platform.node(),
+    }
 
 
 def _driver_version() -> str | None:
     try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=10)
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
         return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None
     except (OSError, subprocess.TimeoutExpired):
         return None
@@ -252,13 +285,22 @@ def _driver_version() -> str | None:
 
 def markdown(report: dict) -> str:
     env = report["environment"]
-    lines = [f"# GPU lane: {env['gpu']} (sm_{env['sm']})", "",
-             f"torch {env['torch']}, triton {env['triton']}, CUDA {env['cuda']}, driver {env['driver']}", ""]
+    lines = [
+        f"# GPU lane: {env['gpu']} (sm_{env['sm']})",
+        "",
+        f"torch {env['torch']}, triton {env['triton']}, CUDA {env['cuda']}, driver {env['driver']}",
+        "",
+    ]
     for device, t in report.get("tests", {}).items():
         lines.append(f"- tests/plugins on {device}: {t['summary']} (exit {t['returncode']}, {t['seconds']} s)")
     seqs = sorted({int(n) for cells in report["prefill"].values() for n in cells})
-    lines += ["", "## Prefill (batch 1, 8 heads x 64, fp16): p50 ms (speed-up vs SDPA flash, same causality)", "",
-              "| kernel | " + " | ".join(f"n={n}" for n in seqs) + " |", "|---" * (len(seqs) + 1) + "|"]
+    lines += [
+        "",
+        "## Prefill (batch 1, 8 heads x 64, fp16): p50 ms (speed-up vs SDPA flash, same causality)",
+        "",
+        "| kernel | " + " | ".join(f"n={n}" for n in seqs) + " |",
+        "|---" * (len(seqs) + 1) + "|",
+    ]
     for label, cells in report["prefill"].items():
         row = []
         for n in seqs:
@@ -268,17 +310,25 @@ def markdown(report: dict) -> str:
                 continue
             base_label = "SDPA flash (causal)" if c["causal"] else "SDPA flash (non-causal)"
             base = report["prefill"].get(base_label, {}).get(str(n), {})
-            ratio = f" ({base['p50_ms'] / c['p50_ms']:.2f}x)" if "p50_ms" in base and not label.startswith("SDPA") \
-                else ""
+            ratio = (
+                f" ({base['p50_ms'] / c['p50_ms']:.2f}x)" if "p50_ms" in base and not label.startswith("SDPA") else ""
+            )
             row.append(f"{c['p50_ms']:.3f}{ratio}")
         lines.append(f"| {label} | " + " | ".join(row) + " |")
     bw = report.get("bandwidth")
     lengths = sorted({int(n) for cells in report["decode"].values() for n in cells})
-    lines += ["", "## Decode (1 token, 8 query heads x 64, fp16): p50 us (fraction of the HBM roofline)", "",
-              f"Roofline = bytes of K and V read / peak bandwidth; peak = "
-              f"{bw['bytes_per_s'] / 1e12:.2f} TB/s ({bw['matched']}, {bw['source']})." if bw else
-              "No spec-sheet bandwidth for this GPU: no roofline.", "",
-              "| kernel | " + " | ".join(f"L={n}" for n in lengths) + " |", "|---" * (len(lengths) + 1) + "|"]
+    lines += [
+        "",
+        "## Decode (1 token, 8 query heads x 64, fp16): p50 us (fraction of the HBM roofline)",
+        "",
+        f"Roofline = bytes of K and V read / peak bandwidth; peak = "
+        f"{bw['bytes_per_s'] / 1e12:.2f} TB/s ({bw['matched']}, {bw['source']})."
+        if bw
+        else "No spec-sheet bandwidth for this GPU: no roofline.",
+        "",
+        "| kernel | " + " | ".join(f"L={n}" for n in lengths) + " |",
+        "|---" * (len(lengths) + 1) + "|",
+    ]
     for label, cells in report["decode"].items():
         row = []
         for n in lengths:
@@ -303,8 +353,11 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     if not torch.cuda.is_available():
-        print("gpu_lane: no CUDA device here (torch.cuda.is_available() is False). The GPU lane measures "
-              "nothing and writes nothing on this machine; run it on a CUDA machine.", file=sys.stderr)
+        print(
+            "gpu_lane: no CUDA device here (torch.cuda.is_available() is False). The GPU lane measures "
+            "nothing and writes nothing on this machine; run it on a CUDA machine.",
+            file=sys.stderr,
+        )
         return 2
     try:
         import triton  # noqa: F401

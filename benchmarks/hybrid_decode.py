@@ -22,59 +22,49 @@ import json
 import os
 import platform
 import tempfile
-import time
 from pathlib import Path
 
-import numpy as np
 import torch
+from decode_common import decode_at, export_for_cpu
 
 from effx.check.measure import cpu_name
-from effx.core.manifest import Manifest
-from effx.core.protocol import DecodeDriver
 from effx.core.spec import RunSpec
-from effx.exporter import export_model
 from effx.models import build_model
-from effx.targets.api import build
-from effx.targets.ort import OrtRunner
 
 RESULTS = Path(__file__).parent / "results"
 
 
 def spec(hybrid: bool, max_len: int) -> RunSpec:
-    model = {"family": "decoder", "vocab_size": 4096, "d_model": 512, "n_heads": 8, "n_kv_heads": 2, "n_layers": 6,
-             "d_ff": 2048, "max_seq_len": max_len, "norm": "gemma_rmsnorm", "norm_position": "sandwich",
-             "activation": "geglu_tanh", "bias": False, "qk_norm": True, "embed_scale": 512 ** 0.5,
-             "tie_embeddings": True, "rope_theta": 1_000_000.0}
-    types = {"local": {"attention": {"kind": "local", "window": 512}, "kv_cache": {"layout": "ring"},
-                       "rope": {"theta": 10_000.0}},
-             "global": {"attention": {"kind": "full"}}}
+    model = {
+        "family": "decoder",
+        "vocab_size": 4096,
+        "d_model": 512,
+        "n_heads": 8,
+        "n_kv_heads": 2,
+        "n_layers": 6,
+        "d_ff": 2048,
+        "max_seq_len": max_len,
+        "norm": "gemma_rmsnorm",
+        "norm_position": "sandwich",
+        "activation": "geglu_tanh",
+        "bias": False,
+        "qk_norm": True,
+        "embed_scale": 512**0.5,
+        "tie_embeddings": True,
+        "rope_theta": 1_000_000.0,
+    }
+    types = {
+        "local": {
+            "attention": {"kind": "local", "window": 512},
+            "kv_cache": {"layout": "ring"},
+            "rope": {"theta": 10_000.0},
+        },
+        "global": {"attention": {"kind": "full"}},
+    }
     pattern = ["local"] * 5 + ["global"] if hybrid else ["global"]
-    return RunSpec.parse({"model": model, "kv_cache": {"layout": "contiguous"},
-                          "layers": {"pattern": pattern, "types": types}})
-
-
-def measure(folder: Path, contexts: list[int], steps: int, threads: int, seed: int = 0) -> list[dict]:
-    manifest = Manifest.read(folder)
-    total = max(contexts) + steps * len(contexts) + 1
-    ids = np.random.default_rng(seed).integers(0, 4096, (1, total), dtype=np.int64)
-    rows = []
-    with OrtRunner(folder, manifest, threads=threads) as runner:
-        driver = DecodeDriver(manifest, 1, total)
-        driver.prefill(runner.infer, ids[:, :512])
-        for ctx in contexts:
-            while driver.position < ctx:  # fill the context in chunks through the decode graph
-                n = min(512, ctx - driver.position)
-                driver.step(runner.infer, ids[:, driver.position:driver.position + n])
-            cache_bytes = int(sum(a.nbytes for a in driver.cache.values()))
-            times = []
-            for _ in range(steps):
-                t0 = time.perf_counter()
-                driver.step(runner.infer, ids[:, driver.position:driver.position + 1])
-                times.append(time.perf_counter() - t0)
-            rows.append({"context": ctx, "cache_bytes": cache_bytes, "decode_tokens_per_s": steps / sum(times),
-                         "step_p50_ms": float(np.percentile(times, 50) * 1e3)})
-            print(f"  context {ctx}: cache {cache_bytes / 2**20:.1f} MiB, {rows[-1]['decode_tokens_per_s']:.1f} tok/s")
-    return rows
+    return RunSpec.parse(
+        {"model": model, "kv_cache": {"layout": "contiguous"}, "layers": {"pattern": pattern, "types": types}}
+    )
 
 
 def plot(results: dict, path: Path) -> None:
@@ -111,20 +101,33 @@ def main() -> None:
     hybrid = build_model(spec(True, max_len))
     every = build_model(spec(False, max_len))
     every.load_state_dict(hybrid.state_dict())  # the same weights: local and full layers have the same parameters
-    results = {"benchmark": "hybrid_decode", "command": "python benchmarks/hybrid_decode.py "
-               f"--contexts {args.contexts} --steps {args.steps} --threads {args.threads}",
-               "environment": {"cpu": cpu_name(), "cpu_count": os.cpu_count(), "threads": args.threads,
-                               "platform": platform.platform(), "torch": torch.__version__},
-               "models": {}}
+    results = {
+        "benchmark": "hybrid_decode",
+        "command": "python benchmarks/hybrid_decode.py "
+        f"--contexts {args.contexts} --steps {args.steps} --threads {args.threads}",
+        "environment": {
+            "cpu": cpu_name(),
+            "cpu_count": os.cpu_count(),
+            "threads": args.threads,
+            "platform": platform.platform(),
+            "torch": torch.__version__,
+        },
+        "models": {},
+    }
     with tempfile.TemporaryDirectory() as work:
         for name, model in (("hybrid 5 local : 1 global", hybrid), ("all global", every)):
             print(name)
-            export_model(model, Path(work) / name / "onnx")
-            build(Path(work) / name / "onnx", target="cpu", out_dir=Path(work) / name / "cpu")
-            results["models"][name] = measure(Path(work) / name / "cpu", contexts, args.steps, args.threads)
+            folder = export_for_cpu(model, Path(work) / name.replace(" ", "_"))
+            results["models"][name] = decode_at(folder, contexts, args.steps, args.threads)
     h, g = results["models"].values()
-    results["ratios"] = [{"context": a["context"], "cache_bytes": a["cache_bytes"] / b["cache_bytes"],
-                          "decode_speedup": a["decode_tokens_per_s"] / b["decode_tokens_per_s"]} for a, b in zip(h, g, strict=True)]
+    results["ratios"] = [
+        {
+            "context": a["context"],
+            "cache_bytes": a["cache_bytes"] / b["cache_bytes"],
+            "decode_speedup": a["decode_tokens_per_s"] / b["decode_tokens_per_s"],
+        }
+        for a, b in zip(h, g, strict=True)
+    ]
     for r in results["ratios"]:
         print(f"context {r['context']}: cache {r['cache_bytes']:.3f}x of all-global, decode {r['decode_speedup']:.2f}x")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

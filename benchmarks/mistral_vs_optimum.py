@@ -48,8 +48,11 @@ def optimum_decode(folder: Path, ids: np.ndarray, context: int, steps: int, thre
     layers = sorted({n.split(".")[1] for n in names if n.startswith("past_key_values.")}, key=int)
     kv_in = next(i for i in sess.get_inputs() if i.name.startswith("past_key_values."))
     heads, head_dim = kv_in.shape[1], kv_in.shape[3]
-    past = {f"past_key_values.{i}.{kv}": np.zeros((1, heads, 0, head_dim), np.float32)
-            for i in layers for kv in ("key", "value")}
+    past = {
+        f"past_key_values.{i}.{kv}": np.zeros((1, heads, 0, head_dim), np.float32)
+        for i in layers
+        for kv in ("key", "value")
+    }
 
     def run(tokens: np.ndarray, start: int):
         n = tokens.shape[1]
@@ -98,8 +101,11 @@ def main() -> None:
     ap.add_argument("--out", default=str(RESULTS / "mistral_vs_optimum.json"))
     args = ap.parse_args()
     if importlib.util.find_spec("optimum") is None or importlib.util.find_spec("optimum.exporters.onnx") is None:
-        print("optimum's ONNX exporter is not installed: pip install optimum-onnx (in its own venv: it pins "
-              "transformers < 4.58)", file=sys.stderr)
+        print(
+            "optimum's ONNX exporter is not installed: pip install optimum-onnx (in its own venv: it pins "
+            "transformers < 4.58)",
+            file=sys.stderr,
+        )
         sys.exit(2)
     import torch
     import transformers
@@ -112,28 +118,47 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as work:
         work = Path(work)
         torch.manual_seed(0)
-        config = transformers.MistralConfig(vocab_size=4096, hidden_size=256, intermediate_size=1024,
-                                            num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-                                            head_dim=64, sliding_window=args.window,
-                                            max_position_embeddings=args.context + args.steps + 64)
+        config = transformers.MistralConfig(
+            vocab_size=4096,
+            hidden_size=256,
+            intermediate_size=1024,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=64,
+            sliding_window=args.window,
+            max_position_embeddings=args.context + args.steps + 64,
+        )
         transformers.MistralForCausalLM(config).eval().save_pretrained(work / "hf")
         ids = np.random.default_rng(0).integers(0, 4096, (1, args.context), dtype=np.int64)
         export_model(import_hf(work / "hf"), work / "effx-onnx")
         build(work / "effx-onnx", target="cpu", out_dir=work / "effx-cpu")
-        main_export(str(work / "hf"), output=str(work / "optimum"), task="text-generation-with-past",
-                    no_post_process=True)
+        main_export(
+            str(work / "hf"), output=str(work / "optimum"), task="text-generation-with-past", no_post_process=True
+        )
         e_tokens, e_bytes, e_times = effx_decode(work / "effx-cpu", ids, args.context, args.steps, args.threads)
         o_tokens, o_bytes, o_times = optimum_decode(work / "optimum", ids, args.context, args.steps, args.threads)
-    row = lambda tokens, nbytes, times: {"cache_bytes": nbytes, "decode_tokens_per_s": len(times) / sum(times),  # noqa: E731
-                                         "step_p50_ms": float(np.percentile(times, 50) * 1e3)}
+    row = lambda tokens, nbytes, times: {
+        "cache_bytes": nbytes,
+        "decode_tokens_per_s": len(times) / sum(times),  # noqa: E731
+        "step_p50_ms": float(np.percentile(times, 50) * 1e3),
+    }
     results = {
-        "benchmark": "mistral_vs_optimum", "command": f"python benchmarks/mistral_vs_optimum.py --context "
+        "benchmark": "mistral_vs_optimum",
+        "command": f"python benchmarks/mistral_vs_optimum.py --context "
         f"{args.context} --steps {args.steps} --window {args.window} --threads {args.threads}",
-        "environment": {"cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
-                        "threads": args.threads, "transformers": transformers.__version__},
-        "effx": row(e_tokens, e_bytes, e_times), "optimum": row(o_tokens, o_bytes, o_times),
-        "greedy_tokens_equal": e_tokens == o_tokens, "first_disagreement": next(
-            (i for i, (a, b) in enumerate(zip(e_tokens, o_tokens, strict=True)) if a != b), None),
+        "environment": {
+            "cpu": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(),
+            "threads": args.threads,
+            "transformers": transformers.__version__,
+        },
+        "effx": row(e_tokens, e_bytes, e_times),
+        "optimum": row(o_tokens, o_bytes, o_times),
+        "greedy_tokens_equal": e_tokens == o_tokens,
+        "first_disagreement": next(
+            (i for i, (a, b) in enumerate(zip(e_tokens, o_tokens, strict=True)) if a != b), None
+        ),
     }
     results["cache_ratio"] = e_bytes / o_bytes
     results["decode_speedup"] = results["effx"]["decode_tokens_per_s"] / results["optimum"]["decode_tokens_per_s"]

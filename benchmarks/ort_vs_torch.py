@@ -63,8 +63,12 @@ def _top_ops(profile_path: str, top: int = 5) -> list[tuple[str, float]]:
 
 def encoder_case(kind: str, seq: int, threads: int, repeats: int, work: Path) -> dict:
     attention = {"kind": kind} | ({"k": 128} if kind == "linformer" else {})
-    spec = RunSpec.parse({"model": {"d_model": 512, "n_heads": 8, "n_layers": 6, "d_ff": 2048, "max_seq_len": seq},
-                          "attention": attention})
+    spec = RunSpec.parse(
+        {
+            "model": {"d_model": 512, "n_heads": 8, "n_layers": 6, "d_ff": 2048, "max_seq_len": seq},
+            "attention": attention,
+        }
+    )
     model = build_model(spec)
     out = work / f"enc-{kind}-{seq}"
     export_model(model, out)
@@ -78,14 +82,31 @@ def encoder_case(kind: str, seq: int, threads: int, repeats: int, work: Path) ->
     ort_ms = _median_ms(lambda: sess.run(None, feed), repeats)
     err = float(np.abs(sess.run(None, feed)[0] - ref).max())
     top = _top_ops(sess.end_profiling())
-    return {"case": f"encoder {kind} seq {seq}", "torch_ms": round(torch_ms, 2), "ort_ms": round(ort_ms, 2),
-            "torch_over_ort": round(torch_ms / ort_ms, 2), "max_abs_err": err, "ort_top_ops_pct": top}
+    return {
+        "case": f"encoder {kind} seq {seq}",
+        "torch_ms": round(torch_ms, 2),
+        "ort_ms": round(ort_ms, 2),
+        "torch_over_ort": round(torch_ms / ort_ms, 2),
+        "max_abs_err": err,
+        "ort_top_ops_pct": top,
+    }
 
 
 def decoder_case(threads: int, work: Path, prompt: int = 128, steps: int = 32) -> dict:
-    spec = RunSpec.parse({"model": {"family": "decoder", "d_model": 512, "n_heads": 8, "n_layers": 6, "d_ff": 2048,
-                                    "max_seq_len": prompt + steps + 8},
-                          "attention": {"kind": "full"}, "kv_cache": {"layout": "contiguous"}})
+    spec = RunSpec.parse(
+        {
+            "model": {
+                "family": "decoder",
+                "d_model": 512,
+                "n_heads": 8,
+                "n_layers": 6,
+                "d_ff": 2048,
+                "max_seq_len": prompt + steps + 8,
+            },
+            "attention": {"kind": "full"},
+            "kv_cache": {"layout": "contiguous"},
+        }
+    )
     model = build_model(spec)
     out = work / "dec"
     manifest = export_model(model, out)
@@ -96,7 +117,7 @@ def decoder_case(threads: int, work: Path, prompt: int = 128, steps: int = 32) -
         _, cache = model.step(ids[:, :prompt], cache)
         t0 = time.perf_counter()
         for t in range(prompt, prompt + steps):
-            _, cache = model.step(ids[:, t:t + 1], cache)
+            _, cache = model.step(ids[:, t : t + 1], cache)
         return time.perf_counter() - t0
 
     prefill = _session(out / "prefill.onnx", threads)
@@ -108,7 +129,7 @@ def decoder_case(threads: int, work: Path, prompt: int = 128, steps: int = 32) -
         state = {n.replace("present.", "past.", 1): v for n, v in zip(names[1:], outs[1:], strict=True)}
         t0 = time.perf_counter()
         for t in range(prompt, prompt + steps):
-            feed = {"input_ids": ids[:, t:t + 1].numpy(), "past_lengths": np.array([t], np.int64)} | state
+            feed = {"input_ids": ids[:, t : t + 1].numpy(), "past_lengths": np.array([t], np.int64)} | state
             outs = decode.run(None, feed)
             state = {n.replace("present.", "past.", 1): v for n, v in zip(names[1:], outs[1:], strict=True)}
         return time.perf_counter() - t0
@@ -119,9 +140,13 @@ def decoder_case(threads: int, work: Path, prompt: int = 128, steps: int = 32) -
     ort_decode()
     ort_s = statistics.median(ort_decode() for _ in range(3))
     assert manifest.kv_cache.layout == "contiguous"
-    return {"case": f"decoder full contiguous, {steps} decode steps after a {prompt}-token prompt",
-            "torch_tokens_per_s": round(steps / torch_s, 1), "ort_tokens_per_s": round(steps / ort_s, 1),
-            "torch_over_ort": round(torch_s / ort_s, 2), "ort_top_ops_pct": _top_ops(decode.end_profiling())}
+    return {
+        "case": f"decoder full contiguous, {steps} decode steps after a {prompt}-token prompt",
+        "torch_tokens_per_s": round(steps / torch_s, 1),
+        "ort_tokens_per_s": round(steps / ort_s, 1),
+        "torch_over_ort": round(torch_s / ort_s, 2),
+        "ort_top_ops_pct": _top_ops(decode.end_profiling()),
+    }
 
 
 def main() -> None:
@@ -143,10 +168,16 @@ def main() -> None:
         print(json.dumps(rows[-1]), flush=True)
     import platform
 
-    env = {"cpu": platform.processor() or platform.machine(), "threads": args.threads, "torch": torch.__version__,
-           "onnxruntime": ort.__version__}
+    env = {
+        "cpu": platform.processor() or platform.machine(),
+        "threads": args.threads,
+        "torch": torch.__version__,
+        "onnxruntime": ort.__version__,
+    }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"benchmark": "ort_vs_torch", "environment": env, "results": rows}, indent=2) + "\n")
+    Path(args.out).write_text(
+        json.dumps({"benchmark": "ort_vs_torch", "environment": env, "results": rows}, indent=2) + "\n"
+    )
     print("| case | torch | ORT | torch/ORT | ORT top ops (% kernel time) |\n|---|---|---|---|---|")
     for r in rows:
         t = f"{r['torch_ms']} ms" if "torch_ms" in r else f"{r['torch_tokens_per_s']} tok/s"

@@ -75,9 +75,14 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    cfg = transformers.BertConfig(vocab_size=30522, hidden_size=args.hidden, num_hidden_layers=args.layers,
-                                  num_attention_heads=args.heads, intermediate_size=4 * args.hidden,
-                                  max_position_embeddings=max(512, args.seq))
+    cfg = transformers.BertConfig(
+        vocab_size=30522,
+        hidden_size=args.hidden,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.heads,
+        intermediate_size=4 * args.hidden,
+        max_position_embeddings=max(512, args.seq),
+    )
     hf = transformers.BertModel(cfg).eval()
     ids = torch.randint(1000, cfg.vocab_size, (args.batch, args.seq), generator=torch.Generator().manual_seed(0))
     mask = torch.ones_like(ids)
@@ -92,12 +97,20 @@ def main() -> None:
         export_model(model, work / "effx")
         effx_export_s = time.perf_counter() - t0
         t0 = time.perf_counter()
-        main_export(str(work / "hf"), work / "optimum", task="feature-extraction", local_files_only=True,
-                    library_name="transformers", do_validation=False)
+        main_export(
+            str(work / "hf"),
+            work / "optimum",
+            task="feature-extraction",
+            local_files_only=True,
+            library_name="transformers",
+            do_validation=False,
+        )
         optimum_export_s = time.perf_counter() - t0
         optimum_file = work / "optimum" / "model.onnx"
-        sessions = {"effx": _session(work / "effx" / "model.onnx", args.threads),
-                    "optimum": _session(optimum_file, args.threads)}
+        sessions = {
+            "effx": _session(work / "effx" / "model.onnx", args.threads),
+            "optimum": _session(optimum_file, args.threads),
+        }
         feeds = {k: _feed(s, ids.numpy(), mask.numpy()) for k, s in sessions.items()}
         outs = {k: s.run(None, feeds[k])[0] for k, s in sessions.items()}
         for _ in range(args.warmup):
@@ -109,25 +122,42 @@ def main() -> None:
                 t = time.perf_counter()
                 s.run(None, feeds[k])
                 times[k].append((time.perf_counter() - t) * 1e3)
-        nodes = {k: len(__import__("onnx").load(str(p), load_external_data=False).graph.node)
-                 for k, p in (("effx", work / "effx" / "model.onnx"), ("optimum", optimum_file))}
+        nodes = {
+            k: len(__import__("onnx").load(str(p), load_external_data=False).graph.node)
+            for k, p in (("effx", work / "effx" / "model.onnx"), ("optimum", optimum_file))
+        }
 
     lat = {k: _pct(v) for k, v in times.items()}
     import optimum.version as optimum_version
 
     result = {
         "benchmark": "vs_optimum",
-        "model": {"arch": "bert", "hidden": args.hidden, "layers": args.layers, "heads": args.heads,
-                  "d_ff": 4 * args.hidden, "vocab": cfg.vocab_size, "init_seed": 0},
+        "model": {
+            "arch": "bert",
+            "hidden": args.hidden,
+            "layers": args.layers,
+            "heads": args.heads,
+            "d_ff": 4 * args.hidden,
+            "vocab": cfg.vocab_size,
+            "init_seed": 0,
+        },
         "input": {"batch": args.batch, "seq": args.seq},
-        "environment": {"threads": args.threads, "onnxruntime": ort.__version__, "torch": torch.__version__,
-                        "transformers": transformers.__version__, "optimum": optimum_version.__version__,
-                        "graph_optimization_level": "ORT_ENABLE_ALL", "repeats": args.repeats},
+        "environment": {
+            "threads": args.threads,
+            "onnxruntime": ort.__version__,
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "optimum": optimum_version.__version__,
+            "graph_optimization_level": "ORT_ENABLE_ALL",
+            "repeats": args.repeats,
+        },
         "latency_ms": lat,
         "effx_over_optimum_p50": round(lat["effx"]["p50_ms"] / lat["optimum"]["p50_ms"], 3),
-        "max_abs_diff": {"effx_vs_optimum": float(np.abs(outs["effx"] - outs["optimum"]).max()),
-                         "effx_vs_transformers": float(np.abs(outs["effx"] - ref).max()),
-                         "optimum_vs_transformers": float(np.abs(outs["optimum"] - ref).max())},
+        "max_abs_diff": {
+            "effx_vs_optimum": float(np.abs(outs["effx"] - outs["optimum"]).max()),
+            "effx_vs_transformers": float(np.abs(outs["effx"] - ref).max()),
+            "optimum_vs_transformers": float(np.abs(outs["optimum"] - ref).max()),
+        },
         "export_s": {"effx": round(effx_export_s, 2), "optimum": round(optimum_export_s, 2)},
         "graph_nodes": nodes,
     }
@@ -135,9 +165,13 @@ def main() -> None:
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print("| export | p50 ms | p90 ms | max abs diff vs transformers |\n|---|---|---|---|")
     for k in ("effx", "optimum"):
-        print(f"| {k} | {lat[k]['p50_ms']} | {lat[k]['p90_ms']} | {result['max_abs_diff'][f'{k}_vs_transformers']:.2e} |")
-    print(f"effx/optimum p50 latency: {result['effx_over_optimum_p50']}x; "
-          f"effx vs optimum max abs diff {result['max_abs_diff']['effx_vs_optimum']:.2e}; wrote {args.out}")
+        print(
+            f"| {k} | {lat[k]['p50_ms']} | {lat[k]['p90_ms']} | {result['max_abs_diff'][f'{k}_vs_transformers']:.2e} |"
+        )
+    print(
+        f"effx/optimum p50 latency: {result['effx_over_optimum_p50']}x; "
+        f"effx vs optimum max abs diff {result['max_abs_diff']['effx_vs_optimum']:.2e}; wrote {args.out}"
+    )
 
 
 if __name__ == "__main__":
