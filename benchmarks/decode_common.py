@@ -37,21 +37,26 @@ def prefill_ms(folder: Path, n: int, threads: int, repeats: int = 3, seed: int =
 
 
 def decode_at(
-    folder: Path, contexts: list[int], steps: int, threads: int, chunk: int = 512, seed: int = 0
+    folder: Path, contexts: list[int], steps: int, threads: int, chunk: int = 512, seed: int = 0,
+    in_place: bool = True,
 ) -> list[dict]:
-    """Decode tokens/s and cache bytes after filling each context length (batch 1)."""
+    """Decode tokens/s and cache bytes after filling each context length (batch 1). Each context gets a host
+    sized for it, as a server sizes a request: contiguous buffers of context + steps slots; ring buffers of
+    window + chunk - 1 slots while the context is filled in chunks, then exactly the window for one token per
+    step (DecodeDriver.set_chunk)."""
     manifest = Manifest.read(folder)
     vocab = manifest.spec["model"]["vocab_size"]
-    total = max(contexts) + steps * len(contexts) + 1
-    ids = np.random.default_rng(seed).integers(0, vocab, (1, total), dtype=np.int64)
     rows = []
-    with OrtRunner(folder, manifest, threads=threads) as runner:
-        driver = DecodeDriver(manifest, 1, total)
-        driver.prefill(runner.infer, ids[:, :chunk])
+    with OrtRunner(folder, manifest, threads=threads, in_place=in_place) as runner:
         for ctx in contexts:
+            total = ctx + steps + 1
+            ids = np.random.default_rng(seed).integers(0, vocab, (1, total), dtype=np.int64)
+            driver = DecodeDriver(manifest, 1, total, chunk=chunk)
+            driver.prefill(runner.infer, ids[:, :chunk])
             while driver.position < ctx:
                 n = min(chunk, ctx - driver.position)
                 driver.step(runner.infer, ids[:, driver.position : driver.position + n])
+            driver.set_chunk(1)
             cache_bytes = int(sum(a.nbytes for a in driver.cache.values()))
             times = []
             for _ in range(steps):

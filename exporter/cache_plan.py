@@ -10,14 +10,17 @@ _DTYPE = {"torch.float32": "float32", "torch.float16": "float16", "torch.bfloat1
 
 _PROTOCOL = {
     "contiguous": [
-        "Before the prompt: run prefill.onnx on input_ids; keep every present.{i}.* output.",
-        "Each step: feed the previous present.{i}.* as past.{i}.*, past_lengths = tokens already cached per sequence.",
-        "present.{i}.key/value grow by the new tokens along axis 2 (past_sequence).",
+        "Allocate past.{i}.key/value as zeros [batch, H_kv, capacity, head_dim], capacity >= every token the host "
+        "will cache (prompt + generated); run prefill.onnx on input_ids with them.",
+        "Each step: feed the buffers as past.{i}.*, past_lengths = tokens already cached per sequence; token p is "
+        "written to slot p. present.{i}.* is past.{i}.* after the write (graph `aliases`: bind both to one buffer "
+        "to update it in place, or feed present back as past).",
     ],
     "ring": [
-        "Allocate past.{i}.key/value as zeros [batch, H_kv, window, head_dim] (or run prefill.onnx on the prompt).",
-        "Each step: feed present.{i}.* back as past.{i}.*; past_lengths = tokens seen so far (may exceed the window).",
-        "Token p lives in slot p mod window; the tensors never grow.",
+        "Allocate past.{i}.key/value as zeros [batch, H_kv, C, head_dim] with C >= window + S - 1, S the most "
+        "tokens a step after the prompt takes (C = window for one token per step); run prefill.onnx with them.",
+        "Each step: feed the buffers as past.{i}.*; past_lengths = tokens seen so far (may exceed C). Token p lives "
+        "in slot p mod C; the decode graph writes before it attends, in place where `aliases` says so.",
     ],
     "state": [
         "Allocate past.{i}.s [batch, H_kv, m, head_dim] and past.{i}.z [batch, H_kv, m] as zeros (or run prefill.onnx).",
@@ -38,20 +41,23 @@ _PROTOCOL = {
         "Before each step: make sure block_table[b] maps enough physical blocks for past_lengths[b] + input length "
         "(ceil(len / block_size) entries; a block belongs to one sequence); new_lengths[b] = real new tokens of row b "
         "(rows may be right-padded).",
-        "Run the step (prefill.onnx for the first one, with past_lengths implicitly 0); feed present.{i}.*_pool back "
-        "as past.{i}.*_pool and add new_lengths to past_lengths.",
+        "Run the step (prefill.onnx for the first one, with past_lengths implicitly 0) with the pools as past.{i}.*; "
+        "present.{i}.*_pool is the pool after the write (bind both to one buffer where `aliases` says so, or feed "
+        "present back) and add new_lengths to past_lengths.",
     ],
 }
 
 
 _HYBRID = [
-    "Layers differ (see `layers`): allocate every past.{i}.* from the shapes below as zeros (or run prefill.onnx on "
-    "the prompt, which takes only the paged layers' pools).",
-    "Each step: feed present.{i}.* back as past.{i}.*; past_lengths = tokens already cached per sequence.",
+    "Layers differ (see `layers`): allocate every past.{i}.* from the shapes below as zeros; run prefill.onnx on "
+    "the prompt with the buffers of the contiguous, ring and paged layers.",
+    "Each step: feed the buffers as past.{i}.* (present.{i}.* is each buffer after the step, in place where the "
+    "graph's `aliases` says so); past_lengths = tokens already cached per sequence.",
 ]
 _LAYOUT_NOTE = {
-    "contiguous": "contiguous layers: key/value grow by the new tokens along axis 2.",
-    "ring": "ring layers: token p lives in slot p mod window; the tensors never grow.",
+    "contiguous": "contiguous layers: buffers of `capacity` slots (>= tokens cached), token p in slot p.",
+    "ring": "ring layers: C >= window + S - 1 slots (`ring_{i}`, S the longest step after the prompt); token p in "
+            "slot p mod C.",
     "state": "state layers: a recurrent state of fixed size.",
     "multiscale": "multiscale layers: pooled key/value grow by one row per f tokens.",
     "paged": "paged layers: one block table for all of them; before each step make sure block_table[b] maps enough "
@@ -59,9 +65,9 @@ _LAYOUT_NOTE = {
 }
 
 
-def _layer_params(layout: str, layer_cache, state: dict) -> dict:
-    if layout == "ring":
-        return {"window": int(state["key"].shape[2])}
+def _layer_params(layout: str, layer_cache, state: dict, attn) -> dict:
+    if layout == "ring":  # the attention window (what the slot count must cover)
+        return {"window": int(attn.window)}
     if layout == "paged":
         return {"block_size": layer_cache.block_size, "num_blocks": layer_cache.num_blocks}
     if layout == "state":
@@ -84,8 +90,10 @@ def cache_plan(model: EffxModel) -> CachePlan | None:
             shape: list[int | str] = list(t.shape)
             if lay != "paged":
                 shape[0] = "batch"
+            if lay in ("contiguous", "ring"):  # the host sizes the buffer: `capacity` or `ring_{i}` slots
+                shape[2] = "capacity" if lay == "contiguous" else f"ring_{i}"
             tensors.append(CacheTensor(input=f"past.{i}.{name}", output=f"present.{i}.{name}", dtype=dtype, shape=shape))
-        params = _layer_params(lay, layer.kv_cache, state)
+        params = _layer_params(lay, layer.kv_cache, state, model.blocks[i].attn)
         if lay == "multiscale":
             params["factor"] = int(cache.factors[i])
         layers.append(LayerCache(index=i, kind=layer.attention.kind, layout=lay, tensors=[f"past.{i}.{n}" for n in state],

@@ -18,6 +18,7 @@ from effx.core.options import DEFAULT_OPSET, check_opset
 from effx.exporter import onnx_export as ox
 from effx.exporter.cache_plan import cache_plan
 from effx.exporter.graphs import plan_graphs
+from effx.models.attention import custom_attention_ops
 from effx.models.transformer import EffxModel, weights_digest
 from effx.plugins.opspec import DOMAIN
 
@@ -40,7 +41,8 @@ def export_model(
     with atomic_dir(Path(out_dir), "export", overwrite=overwrite) as tmp, torch.no_grad():
         for plan in plans:
             say(f"exporting {plan.name}.onnx")
-            proto = ox.export_graph(plan, opset)
+            with custom_attention_ops(trt_plugins):  # plugin graphs keep effx nodes where a standard op exists
+                proto = ox.export_graph(plan, opset)
             # ONNX dims carry names, not bounds: record each dimension's range in the graph's metadata too
             for dim, (lo, opt, hi) in sorted(plan.dim_ranges.items()):
                 onnx.helper.set_model_props(proto, {**{p.key: p.value for p in proto.metadata_props},
@@ -56,6 +58,7 @@ def export_model(
                 file=f"{plan.name}.onnx", role=plan.role, inputs=_tensors(proto.graph.input),
                 outputs=_tensors(proto.graph.output),
                 dims={name: DimRange(min=a, opt=b, max=c) for name, (a, b, c) in plan.dim_ranges.items()},
+                aliases=ox.in_place_aliases(proto),
             )
         say("writing manifest.json")
         manifest = Manifest(

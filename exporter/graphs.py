@@ -4,6 +4,9 @@ Encoders: one graph, (input_ids, attention_mask) -> last_hidden_state.
 Decoders: a prefill graph (a prompt on an empty cache) and a decode-step graph (new tokens against the
 cache), both returning logits and the cache after the step as `present.{i}.{name}`; the decode graph takes
 the cache as `past.{i}.{name}`. Both are the model's own `step_tensors`, so they are the reference math.
+The buffers of contiguous, ring and paged layers belong to the host (HOST_BUFFERS): the prefill takes them
+too, and both graphs write new keys/values into them with one ScatterND each, so a runtime can update them in
+place (the manifest's `aliases`).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from torch.export import Dim
 from effx.models.attention import LayerState
 from effx.models.transformer import EffxModel
 
+HOST_BUFFERS = ("contiguous", "ring", "paged")  # layouts whose cache buffers the host allocates and owns
 EXAMPLE_BATCH = 2  # examples of 1 get silently fixed to 1 by the exporter: use >= 2
 EXAMPLE_SEQ = 3
 EXAMPLE_PAST = 5
@@ -89,12 +93,13 @@ class StepGraph(nn.Module):
             new_lengths, block_table = args.pop(0), args.pop(0)
         else:
             new_lengths, block_table = torch.full_like(input_ids[:, 0], seq), None
-        empty = self.model.empty_cache(1).layers if self.prefill and set(self.layouts) != {"paged"} else None
+        in_graph = self.prefill and not set(self.layouts) <= set(HOST_BUFFERS)
+        empty = self.model.empty_cache(1).layers if in_graph else None
         layers = []
         for i, names in enumerate(self.names):
-            if self.prefill and self.layouts[i] != "paged":  # an empty cache, made in the graph; batch follows
+            if self.prefill and self.layouts[i] not in HOST_BUFFERS:  # an empty state, made in the graph
                 layers.append({k: _like_batch(t, input_ids) for k, t in empty[i].items()})
-            else:  # the decode graph's cache, and the host's paged pools (the prefill writes into them)
+            else:  # the decode graph's cache, and the host's buffers (the prefill writes into them)
                 layers.append({n: args.pop(0) for n in names})
         logits, new_layers = self.model.step_tensors(input_ids, lengths, new_lengths, layers, block_table,
                                                      fresh=self.prefill)
@@ -147,13 +152,44 @@ def _flat(layers: list[LayerState], prefix: str) -> tuple[list[Tensor], list[str
     return tensors, names
 
 
+def buffer_dims(model: EffxModel) -> dict[int, Dim]:
+    """The sequence axis of the host's buffers, per layer: one `capacity` (positions a contiguous layer holds,
+    what the host will cache) shared by the contiguous layers, `ring_{i}` slots for a ring layer (at least its
+    window; window + longest step - 1 lets a step of several tokens be written before it is attended)."""
+    max_len = model.spec.model.max_seq_len
+    capacity = Dim("capacity", min=1, max=max_len)
+    dims = {}
+    for i, layout in enumerate(layer_layouts(model)):
+        if layout == "contiguous":
+            dims[i] = capacity
+        elif layout == "ring":
+            w = model.blocks[i].attn.window
+            dims[i] = Dim(f"ring_{i}", min=w, max=w + max_len)
+    return dims
+
+
+def buffer_ranges(model: EffxModel) -> dict[str, tuple[int, int, int]]:
+    """(min, opt, max) of the buffer dims, for TensorRT profiles: decode steps of one token."""
+    max_len = model.spec.model.max_seq_len
+    ranges = {}
+    for i, layout in enumerate(layer_layouts(model)):
+        if layout == "contiguous":
+            ranges["capacity"] = (1, min(128, max_len), max_len)
+        elif layout == "ring":
+            w = model.blocks[i].attn.window
+            ranges[f"ring_{i}"] = (w, w, w + max_len)
+    return ranges
+
+
 def _state_dims(model: EffxModel, batch: Dim) -> list[dict[int, Dim]]:
-    """Dynamic axes of each cache tensor: batch (not for pools), and the lengths that grow per layer: the
-    tokens so far (contiguous, hourglass layers at factor 1), the pooled tokens of an hourglass level (one Dim
-    per factor: every layer of a level holds as many), the tail of a shortening (0 .. k - 1 activations)."""
+    """Dynamic axes of each cache tensor: batch (not for pools), the host buffers' sequence axis, and the
+    lengths that grow per layer: the tokens so far (hourglass layers at factor 1), the pooled tokens of an
+    hourglass level (one Dim per factor: every layer of a level holds as many), the tail of a shortening
+    (0 .. k - 1 activations)."""
     layouts = layer_layouts(model)
     max_len = model.spec.model.max_seq_len
     past = Dim("past_sequence", min=0, max=max_len)
+    buffers = buffer_dims(model)
     level: dict[int, Dim] = {}
     dims = []
     for i, layer in enumerate(model.empty_cache(1).layers):
@@ -162,7 +198,9 @@ def _state_dims(model: EffxModel, batch: Dim) -> list[dict[int, Dim]]:
         for name in layer:
             if layout == "paged":
                 dims.append({})
-            elif name in ("key", "value") and (layout == "contiguous" or (layout == "multiscale" and factor == 1)):
+            elif i in buffers:
+                dims.append({0: batch, 2: buffers[i]})
+            elif layout == "multiscale" and name in ("key", "value") and factor == 1:
                 dims.append({0: batch, 2: past})
             elif layout == "multiscale" and name in ("key", "value"):
                 level.setdefault(factor, Dim(f"past_groups_f{factor}", min=0, max=max_len))
@@ -175,7 +213,8 @@ def _state_dims(model: EffxModel, batch: Dim) -> list[dict[int, Dim]]:
 
 
 def _example_cache(model: EffxModel, ids: Tensor):
-    cache = model.empty_cache(ids.shape[0])
+    # rings sized for the example step; the tracing capacity (max_seq_len) differs from every other example size
+    cache = model.empty_cache(ids.shape[0], chunk=example_lengths(model)[0])
     with torch.no_grad():
         _, cache = model.step(ids[:, :example_lengths(model)[1]], cache)
     return cache
@@ -188,21 +227,25 @@ def _prefill_plan(model, ids, batch, seq, batch_range, seq_range) -> GraphPlan:
     args: list[Tensor] = [prompt]
     names = ["input_ids"]
     dyn: list = [{0: batch, 1: seq}]
-    empty = model.empty_cache(ids.shape[0])
-    if "paged" in layouts:  # the paged layers' pools are the host's: the prefill takes them
+    empty = model.empty_cache(ids.shape[0], chunk=new)
+    if "paged" in layouts:
         empty = empty.reserve(new)
         args += [torch.full((ids.shape[0],), new, dtype=torch.int64), empty.block_table]
         names += ["new_lengths", "block_table"]
         dyn += [{0: batch}, {0: batch}]
-        for i, layer in enumerate(empty.layers):
-            if layouts[i] == "paged":
-                pools, pool_names = _flat([layer], "past")
-                args += pools
-                names += [n.replace("past.0.", f"past.{i}.", 1) for n in pool_names]
-                dyn += [{} for _ in pools]
+    state_dims = _state_dims(model, batch)
+    k = 0
+    for i, layer in enumerate(empty.layers):  # the host's buffers: the prefill writes into them
+        for name, t in layer.items():
+            if layouts[i] in HOST_BUFFERS:
+                args.append(t)
+                names.append(f"past.{i}.{name}")
+                dyn.append(state_dims[k])
+            k += 1
     _, out_names = _flat(empty.layers, "present")
+    ranges = {"batch": batch_range, "sequence": seq_range} | buffer_ranges(model)
     return GraphPlan("prefill", "prefill", StepGraph(model, prefill=True), tuple(args), names,
-                     ["logits", *out_names], tuple(dyn), {"batch": batch_range, "sequence": seq_range}, varargs=True)
+                     ["logits", *out_names], tuple(dyn), ranges, varargs=True)
 
 
 def _decode_plan(model, ids, batch, seq, batch_range, seq_range) -> GraphPlan:
@@ -224,5 +267,6 @@ def _decode_plan(model, ids, batch, seq, batch_range, seq_range) -> GraphPlan:
     _, out_names = _flat(cache.layers, "present")
     max_seq = model.spec.model.max_seq_len
     ranges = {"batch": batch_range, "sequence": (1, 1, max_seq), "past_sequence": (0, min(128, max_seq), max_seq)}
+    ranges |= buffer_ranges(model)
     return GraphPlan("decode", "decode", StepGraph(model, prefill=False), tuple(args), names,
                      ["logits", *out_names], tuple(dyn), ranges, varargs=True)

@@ -19,6 +19,7 @@ from effx.core.options import ATTENTION_OPSET
 from effx.exporter.graphs import GraphPlan
 from effx.models.attention import attention_impl_override
 from effx.plugins import OPS
+from effx.plugins.cache_write import TRANSLATIONS as CACHE_WRITES
 from effx.plugins.onnx_body import Body, make_function
 from effx.plugins.opspec import DOMAIN
 from effx.plugins.trt import PLUGIN_SPECS, node_attributes
@@ -33,7 +34,7 @@ class ExportError(EffxError):
 
 def translation_table() -> dict:
 
-    table = {}
+    table = dict(CACHE_WRITES)
     for spec in OPS.values():
         overload = spec.torch_op._opoverload
         table[overload] = spec.translation
@@ -162,6 +163,25 @@ def inline(model: onnx.ModelProto) -> onnx.ModelProto:
     flat.opset_import.extend(keep)
     onnx.checker.check_model(flat, full_check=True)
     return flat
+
+
+def in_place_aliases(model: onnx.ModelProto) -> dict[str, str]:
+    """Graph outputs a runtime may write into the buffer of a graph input: output -> input. Safe where the
+    output is made by a ScatterND whose data is the input and no other node reads the input's values (Shape
+    reads only its shape): then the scatter is the input's last reader, and ONNX Runtime's kernel skips its copy
+    when the two share memory."""
+    inputs = {i.name for i in model.graph.input}
+    producer = {o: n for n in model.graph.node for o in n.output}
+    aliases = {}
+    for out in model.graph.output:
+        node = producer.get(out.name)
+        if node is None or node.op_type != "ScatterND" or node.domain not in ("", "ai.onnx"):
+            continue
+        data = node.input[0]
+        readers = [n for n in _all_nodes(model.graph) if data in n.input and n is not node]
+        if data in inputs and all(n.op_type == "Shape" for n in readers):
+            aliases[out.name] = data
+    return aliases
 
 
 def check_dims(model: onnx.ModelProto, plan: GraphPlan) -> None:

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from effx.core.errors import EffxError
 from effx.core.spec import RunSpec
 from effx.models.blocks import make_norm
+from effx.plugins.cache_write import write_pages, write_rows
 from effx.plugins.common import arange_positions
 from effx.plugins.paged import gather_pages, paged_attention, paged_key_positions
 
@@ -40,6 +41,29 @@ def attention_impl_override(impl: str | None) -> Iterator[None]:
 
 def attention_impl(default: str) -> str:
     return _ATTENTION_IMPL.get() or default
+
+
+# Export-time choice for graphs meant for TensorRT's fused plugins (`--trt-plugins`): keep every attention
+# that has an effx op as that op's node, where other graphs take the standard ONNX op for the same math.
+_CUSTOM_OPS: ContextVar[bool] = ContextVar("effx_custom_attention_ops", default=False)
+
+
+@contextlib.contextmanager
+def custom_attention_ops(enabled: bool) -> Iterator[None]:
+    token = _CUSTOM_OPS.set(enabled)
+    try:
+        yield
+    finally:
+        _CUSTOM_OPS.reset(token)
+
+
+def prefer_custom_ops() -> bool:
+    return _CUSTOM_OPS.get()
+
+
+def _mod(x: Tensor, n) -> Tensor:
+    """x mod n for a size n that may be symbolic at export (a tensor divisor exports as ONNX Mod)."""
+    return torch.remainder(x, torch.full_like(x, n))
 
 
 class StepInputs:
@@ -67,6 +91,7 @@ class AttentionBase(nn.Module):
         self.params = layer.attention  # this layer's attention spec (kind parameters)
         self.cache_layout = layer.kv_cache.layout  # how a decoder caches this layer
         self.n_heads, self.n_kv_heads, self.head_dim = m.n_heads, m.kv_heads, m.head_dim
+        self.max_seq_len = m.max_seq_len
         self.causal = m.causal
         self.scale = m.attn_scale if m.attn_scale is not None else self.head_dim**-0.5
         self.softcap = m.attn_softcap or 0.0  # attention-logit soft-capping (0: off)
@@ -107,7 +132,8 @@ class AttentionBase(nn.Module):
     def attend_sequence(self, q: Tensor, k: Tensor, v: Tensor, positions: Tensor, key_mask: Tensor | None) -> Tensor:
         raise NotImplementedError
 
-    def empty_state(self, batch: int, cache_spec, dtype: torch.dtype, device: torch.device) -> LayerState:
+    def empty_state(self, batch: int, cache_spec, dtype: torch.dtype, device: torch.device,
+                    capacity: int | None = None, chunk: int = 1) -> LayerState:
         raise EffxError(f"attention.kind={self.kind} has no decode path")
 
     def step(self, x: Tensor, state: LayerState, inputs: StepInputs) -> tuple[Tensor, LayerState]:
@@ -127,18 +153,24 @@ class SoftmaxAttention(AttentionBase):
     def attend(self, q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: Tensor) -> Tensor:
         raise NotImplementedError
 
+    def attend_cache(self, q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: Tensor) -> Tensor:
+        """New queries against a contiguous or ring buffer (slot positions in k_pos, -1 = empty)."""
+        return self.attend(q, k, v, q_pos, k_pos)
+
     def attend_sequence(self, q, k, v, positions, key_mask):
         k_pos = positions if key_mask is None else torch.where(key_mask.bool(), positions, -1)
         return self.attend(q, k, v, positions, k_pos)
 
-    def empty_state(self, batch, cache_spec, dtype, device) -> LayerState:
+    def empty_state(self, batch, cache_spec, dtype, device, capacity: int | None = None, chunk: int = 1) -> LayerState:
+        """Contiguous: buffers of `capacity` positions (default max_seq_len); ring: window + chunk - 1 slots, so a
+        step of up to `chunk` tokens can be written before it is attended; paged: the shared pools."""
         shape_kv = (self.n_kv_heads, self.head_dim)
-        if cache_spec.layout == "contiguous":
-            z = torch.zeros(batch, self.n_kv_heads, 0, self.head_dim, dtype=dtype, device=device)
-            return {"key": z, "value": z.clone()}
-        if cache_spec.layout == "ring":
-            w = cache_spec.window or self.window  # type: ignore[attr-defined]
-            z = torch.zeros(batch, self.n_kv_heads, w, self.head_dim, dtype=dtype, device=device)
+        if cache_spec.layout in ("contiguous", "ring"):
+            if cache_spec.layout == "contiguous":
+                n = capacity or self.max_seq_len
+            else:
+                n = (cache_spec.window or self.window) + chunk - 1  # type: ignore[attr-defined]
+            z = torch.zeros(batch, self.n_kv_heads, n, self.head_dim, dtype=dtype, device=device)
             return {"key": z, "value": z.clone()}
         if cache_spec.layout == "paged":
             z = torch.zeros(cache_spec.num_blocks, cache_spec.block_size, *shape_kv, dtype=dtype, device=device)
@@ -152,43 +184,47 @@ class SoftmaxAttention(AttentionBase):
             return self._step_ring(q, k, v, state, inputs)
         return self._step_contiguous(q, k, v, state, inputs)
 
+    # Every layout writes the new keys/values into the host's buffers first (one ScatterND whose data is the
+    # graph input and whose output is the graph output: a runtime may bind both to one buffer and update it in
+    # place), then attends over the written buffers.
     def _step_contiguous(self, q, k, v, state, inputs):
-        k_all = torch.cat([state["key"], k], dim=2)  # (B,H_kv,P+S,D)
-        v_all = torch.cat([state["value"], v], dim=2)
-        k_pos = arange_positions(k_all.shape[0], k_all.shape[2], k_all.device)
-        return self.attend(q, k_all, v_all, inputs.q_pos, k_pos), {"key": k_all, "value": v_all}
+        # buffers (B,H_kv,C,D), C >= tokens the host will cache; token p lives in slot p
+        k_buf, v_buf = write_rows(state["key"], k, inputs.q_pos), write_rows(state["value"], v, inputs.q_pos)
+        if inputs.fresh:  # a prompt attends to itself (the whole-sequence path)
+            return self.attend_sequence(q, k, v, inputs.q_pos, None), {"key": k_buf, "value": v_buf}
+        # a slot's position is its index; the unwritten ones (>= lengths + S) lie in every query's future
+        k_pos = arange_positions(k_buf.shape[0], k_buf.shape[2], k_buf.device)
+        return self.attend_cache(q, k_buf, v_buf, inputs.q_pos, k_pos), {"key": k_buf, "value": v_buf}
 
     def _step_ring(self, q, k, v, state, inputs):
-        ring_k, ring_v = state["key"], state["value"]  # (B,H_kv,W,D)
-        b, h, w, d = ring_k.shape
-        s = k.shape[2]
-        p = inputs.lengths[:, None]  # (B,1) tokens seen so far
-        slot = torch.arange(w, device=k.device)[None, :]  # (1,W)
-        # slot s holds the latest position < P congruent to s mod W (negative: never written)
-        slot_pos = (p - 1) - torch.remainder(p - 1 - slot, w)  # (B,W)
-        k_pos = torch.cat([torch.where(slot_pos >= 0, slot_pos, -1), inputs.q_pos], dim=1)
-        # attend before writing: a chunk longer than W would overwrite slots its first queries still need
-        y = self.attend(q, torch.cat([ring_k, k], 2), torch.cat([ring_v, v], 2), inputs.q_pos, k_pos)
-        end = p + s - 1
-        new_pos = end - torch.remainder(end - slot, w)  # (B,W) position each slot holds after the step
-        from_chunk = (new_pos >= p)[:, None, :, None]  # (B,1,W,1)
-        idx = (new_pos - p).clamp(0, s - 1)[:, None, :, None].expand(b, h, w, d)
-        new_k = torch.where(from_chunk, k.gather(2, idx), ring_k)
-        new_v = torch.where(from_chunk, v.gather(2, idx), ring_v)
-        return y, {"key": new_k, "value": new_v}
+        ring_k, ring_v = state["key"], state["value"]  # (B,H_kv,C,D), C >= window + S - 1
+        c = ring_k.shape[2]
+        slot = torch.arange(c, device=k.device)[None, :]  # (1,C)
+        end = inputs.lengths[:, None] + k.shape[2] - 1  # (B,1) newest position after the step
+        if inputs.fresh:  # the prompt attends to itself; its last C positions fill the ring (a prompt may be > C)
+            y = self.attend_sequence(q, k, v, inputs.q_pos, None)
+            b, h, _, d = ring_k.shape
+            new_pos = end - _mod(end - slot, c)  # (B,C) position each slot holds after the prompt
+            written = (new_pos >= 0)[:, None, :, None]
+            idx = new_pos.clamp(min=0)[:, None, :, None].expand(b, h, c, d)
+            return y, {"key": torch.where(written, k.gather(2, idx), ring_k),
+                       "value": torch.where(written, v.gather(2, idx), ring_v)}
+        # token p lives in slot p mod C; writing first is safe while S <= C - window + 1 (the host's promise):
+        # the slots overwritten held tokens older than any new query's window
+        slots = _mod(inputs.q_pos, c)
+        ring_k, ring_v = write_rows(ring_k, k, slots), write_rows(ring_v, v, slots)
+        slot_pos = end - _mod(end - slot, c)  # (B,C) latest position <= end congruent to the slot
+        k_pos = torch.where(slot_pos >= 0, slot_pos, -1)
+        return self.attend_cache(q, ring_k, ring_v, inputs.q_pos, k_pos), {"key": ring_k, "value": ring_v}
 
     def _step_paged(self, q, k, v, state, inputs):
         k_pool, v_pool = state["key_pool"], state["value_pool"]  # (NB,bs,H_kv,D)
-        nb, bs, h, d = k_pool.shape
+        bs = k_pool.shape[1]
         block_table = inputs.block_table
         pos = inputs.q_pos  # (B,S)
-        slots = (block_table.gather(1, pos // bs) * bs + pos % bs).reshape(-1)  # (B*S,) flat pool rows
-
-        def write(pool: Tensor, new: Tensor) -> Tensor:
-            rows = new.transpose(1, 2).reshape(-1, h, d)  # (B*S,H_kv,D)
-            return pool.reshape(nb * bs, h, d).index_put((slots,), rows).reshape(nb, bs, h, d)
-
-        k_pool, v_pool = write(k_pool, k), write(v_pool, v)
+        blocks, offsets = block_table.gather(1, pos // bs), pos % bs  # (B,S) where each new token goes
+        k_pool = write_pages(k_pool, k.transpose(1, 2), blocks, offsets)  # tokens (B,S,H_kv,D)
+        v_pool = write_pages(v_pool, v.transpose(1, 2), blocks, offsets)
         seq_lens = inputs.lengths + inputs.new_lengths
         if self.paged_window is not None:
             y = paged_attention(q, k_pool, v_pool, block_table, pos, seq_lens, self.paged_window, self.scale,

@@ -7,7 +7,15 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from effx.models.attention import SoftmaxAttention, attention_impl
-from effx.plugins.common import causal_allowed, expand_kv, softmax_attention, split_positions
+from effx.plugins.common import causal_allowed, softmax_attention, split_positions
+
+
+def sdpa(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor | None, scale: float, is_causal: bool = False) -> Tensor:
+    """SDPA over grouped KV heads as they are: q (B,H,Nq,D), k/v (B,H_kv,Nk,D). The exporter turns it into one
+    ONNX `Attention` node that reads the H_kv heads itself; expanding K/V to H heads first would copy the whole
+    KV cache H/H_kv times on every decode step."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale, is_causal=is_causal,
+                                          enable_gqa=q.shape[1] != k.shape[1])
 
 
 class FullAttention(SoftmaxAttention):
@@ -20,10 +28,7 @@ class FullAttention(SoftmaxAttention):
 
     def attend_sequence(self, q, k, v, positions, key_mask):
         if key_mask is None and attention_impl(self.impl) == "sdpa" and not self.softcap:  # no padding: SDPA's own causal flag, no mask tensor
-            n_rep = self.n_heads // self.n_kv_heads
-            return F.scaled_dot_product_attention(
-                q, expand_kv(k, n_rep), expand_kv(v, n_rep), is_causal=self.causal, scale=self.scale
-            )
+            return sdpa(q, k, v, None, self.scale, is_causal=self.causal)
         return super().attend_sequence(q, k, v, positions, key_mask)
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: Tensor) -> Tensor:
@@ -33,8 +38,5 @@ class FullAttention(SoftmaxAttention):
         else:  # padding only; spelled out over the query axis (ONNX Runtime's Attention wants (.., Nq, Nk))
             allowed = split_positions(q_pos, k_pos)[2].expand(-1, -1, q.shape[2], -1)
         if attention_impl(self.impl) == "sdpa" and not self.softcap:  # SDPA has no soft-capping
-            n_rep = self.n_heads // self.n_kv_heads
-            return F.scaled_dot_product_attention(
-                q, expand_kv(k, n_rep), expand_kv(v, n_rep), attn_mask=allowed, scale=self.scale
-            )
+            return sdpa(q, k, v, allowed, self.scale)
         return softmax_attention(q, k, v, allowed, self.scale, self.softcap)

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from effx.core.errors import EffxError
 from effx.models.attention import StepInputs
 from effx.models.full import FullAttention
-from effx.plugins.common import causal_allowed, softmax_attention
+from effx.plugins.common import arange_positions, causal_allowed, softmax_attention
 
 
 def hourglass_schedule(n_layers: int, factors: list[int]) -> list[int]:
@@ -57,15 +57,17 @@ class HierarchicalAttention(FullAttention):
         super().__init__(spec, layer_index, rope, shared)
         self.factor = hourglass_schedule(spec.model.n_layers, self.params.factors)[layer_index]
 
-    def empty_state(self, batch, cache_spec, dtype, device):
+    def empty_state(self, batch, cache_spec, dtype, device, capacity=None, chunk=1):
         if cache_spec.layout != "multiscale":
             raise EffxError(f"kv_cache.layout={cache_spec.layout} does not fit attention.kind=hierarchical")
         z = torch.zeros(batch, self.n_kv_heads, 0, self.head_dim, dtype=dtype, device=device)
         return {"key": z, "value": z.clone()}
 
     def attend_step(self, q, k, v, state, inputs):
-        if self.factor == 1:
-            return self._step_contiguous(q, k, v, state, inputs)
+        if self.factor == 1:  # full resolution: key/value grow by the new tokens (multiscale keeps no buffers)
+            k_all, v_all = torch.cat([state["key"], k], 2), torch.cat([state["value"], v], 2)
+            k_pos = arange_positions(k_all.shape[0], k_all.shape[2], k_all.device)
+            return self.attend(q, k_all, v_all, inputs.q_pos, k_pos), {"key": k_all, "value": v_all}
         # a decode step of a shortened level has no new query when no group completes: the explicit form runs on
         # zero rows (ONNX Runtime's Attention kernel refuses an empty query)
         k_all, v_all = torch.cat([state["key"], k], 2), torch.cat([state["value"], v], 2)  # (B,H_kv,J+g,D)
@@ -93,7 +95,7 @@ class Shorten(nn.Module):
         """The whole sequence shortened: (B, n, C) -> (B, ceil(n/k), C), and the pooled key mask."""
         b, n, c = x.shape
         k = self.ratio
-        groups = -(-n // k)
+        groups = (n + k - 1) // k  # ceil without negative floor division (ONNX Div truncates)
         if key_mask is not None:
             x = x * key_mask[:, :, None].to(x.dtype)  # padding pools as zeros
         shift = k - 1 if causal else 0  # decoders: shift right by k - 1 (no future token in a group)
@@ -217,7 +219,7 @@ class Hourglass(nn.Module):
                 pooled = self.shorten[b].pool(c[:, :done])  # (B, g, C): the groups completed now
                 owner["tail"] = c[:, done:]
                 stack.append((x, level, b))
-                j = -(-level.lengths // k)  # (B,) pooled tokens before this step: ceil(P / k)
+                j = (level.lengths + k - 1) // k  # (B,) pooled tokens before this step: ceil(P / k)
                 g = pooled.shape[1]
                 q_pos = j[:, None] + torch.arange(g, device=x.device)[None, :]
                 level = StepInputs(j, q_pos, torch.full_like(j, g), None, level.fresh)
@@ -226,7 +228,7 @@ class Hourglass(nn.Module):
                 x_res, outer, b = stack.pop()
                 outs = torch.cat([owner["last_out"], x], 1)  # index 0: the newest group before this step
                 owner["last_out"] = outs[:, -1:]
-                j = -(-outer.lengths // k)
+                j = (outer.lengths + k - 1) // k
                 group = outer.q_pos // k - (j[:, None] - 1)  # each new position's group, as an index into outs
                 x = x_res + self.upsample[b].at(outs, group, outer.q_pos % k)
                 level = outer

@@ -41,7 +41,7 @@ class LinearAttention(AttentionBase):
         s = like.new_zeros(batch, self.n_kv_heads, self.n_features, self.head_dim)  # (B,H_kv,m,D)
         return s, like.new_zeros(batch, self.n_kv_heads, self.n_features)  # (B,H_kv,m)
 
-    def empty_state(self, batch, cache_spec, dtype, device):
+    def empty_state(self, batch, cache_spec, dtype, device, capacity=None, chunk=1):
         if cache_spec.layout != "state":
             raise EffxError(f"kv_cache.layout={cache_spec.layout} does not fit attention.kind=linear; use state")
         s, z = self._zeros(batch, torch.empty(0, dtype=dtype, device=device))

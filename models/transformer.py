@@ -162,9 +162,11 @@ class EffxModel(nn.Module):
         return self.head(x)
 
     # -- incremental decoding ---------------------------------------------------------------------------
-    def empty_cache(self, batch: int, device: torch.device | None = None, dtype: torch.dtype | None = None) -> KVCache:
+    def empty_cache(self, batch: int, device: torch.device | None = None, dtype: torch.dtype | None = None,
+                    capacity: int | None = None, chunk: int = 1) -> KVCache:
         """The cache before the first token: each layer's state in its own layout (one class per layout, or a
-        HybridCache when layers differ)."""
+        HybridCache when layers differ). Contiguous layers hold `capacity` positions (default max_seq_len);
+        ring layers window + `chunk` - 1 slots, `chunk` being the longest step after the prompt."""
         c = self.spec.kv_cache
         if self.family != "decoder" or c.layout == "none":
             raise EffxError(
@@ -174,7 +176,8 @@ class EffxModel(nn.Module):
         device = device or self.embed.weight.device
         dtype = dtype or self.embed.weight.dtype
         specs = [layer.kv_cache for layer in self.spec.resolved_layers()]
-        layers = [blk.attn.empty_state(batch, spec, dtype, device) for blk, spec in zip(self.blocks, specs, strict=True)]
+        layers = [blk.attn.empty_state(batch, spec, dtype, device, capacity=capacity, chunk=chunk)
+                  for blk, spec in zip(self.blocks, specs, strict=True)]
         if self.hourglass is not None:  # each shortening's tail and last output, with the first layer below it
             for b, owner in self.hourglass.owner.items():
                 layers[owner] |= self.hourglass.empty_boundary(b, batch, self.spec.model.d_model, dtype, device)
@@ -192,7 +195,7 @@ class EffxModel(nn.Module):
         if layout == "paged":
             return PagedCache(lengths, layers, **book)
         if layout == "ring":
-            return RingCache(lengths, layers, window=layers[0]["key"].shape[2])
+            return RingCache(lengths, layers, window=self.blocks[0].attn.window)
         if layout == "multiscale":
             a = self.spec.attention
             return MultiscaleCache(lengths, layers, factors=hourglass_schedule(self.spec.model.n_layers, a.factors))
@@ -205,6 +208,14 @@ class EffxModel(nn.Module):
         b, s = input_ids.shape
         if new_lengths is None:
             new_lengths = torch.full((b,), s, dtype=torch.int64, device=input_ids.device)
+        chunk = self.max_step(cache)
+        if s > chunk and not bool((cache.lengths == 0).all()):  # more than the ring buffers take at once
+            logits = []
+            for start in range(0, s, chunk):
+                part = (new_lengths - start).clamp(0, chunk)
+                out, cache = self.step(input_ids[:, start:start + chunk], cache, part)
+                logits.append(out)
+            return torch.cat(logits, 1), cache
         longest = int((cache.lengths + s).max())
         if longest > self.spec.model.max_seq_len:
             raise EffxError(
@@ -217,6 +228,14 @@ class EffxModel(nn.Module):
         fresh = bool((cache.lengths == 0).all())
         logits, layers = self.step_tensors(input_ids, cache.lengths, new_lengths, cache.layers, block_table, fresh)
         return logits, cache.replaced(cache.lengths + new_lengths, layers)
+
+    def max_step(self, cache: KVCache) -> int:
+        """The most tokens one step after the prompt may take: a ring of C slots for a window of w takes
+        C - w + 1 (the host sizes rings for its longest step: empty_cache(chunk=...))."""
+        limits = [layer["key"].shape[2] - blk.attn.window + 1
+                  for blk, layer, spec in zip(self.blocks, cache.layers, self.spec.resolved_layers(), strict=True)
+                  if spec.kv_cache.layout == "ring"]
+        return min(limits, default=1 << 62)
 
     def step_tensors(
         self, input_ids: Tensor, lengths: Tensor, new_lengths: Tensor, layers: list[LayerState],

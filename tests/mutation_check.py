@@ -39,7 +39,7 @@ class Mutation:
 
 MUTATIONS = [
     Mutation("ring cache: slot position off by one", "models/attention.py",
-             "slot_pos = (p - 1) - torch.remainder(p - 1 - slot, w)", "slot_pos = p - torch.remainder(p - 1 - slot, w)",
+             "slot_pos = end - _mod(end - slot, c)", "slot_pos = end + 1 - _mod(end - slot, c)",
              (MODELS,)),
     Mutation("local ONNX body: symmetric window edge < -> <=", "plugins/onnx_body.py",
              'ok = self.op("Less", self.op("Abs", self.op("Sub", qp, kp)), window)',
@@ -82,8 +82,8 @@ MUTATIONS = [
              "group = outer.q_pos // k - (j[:, None] - 1)", "group = (outer.q_pos + 1) // k - (j[:, None] - 1)",
              (MODELS,)),
     Mutation("paged cache: written one row too far", "models/attention.py",
-             "slots = (block_table.gather(1, pos // bs) * bs + pos % bs).reshape(-1)",
-             "slots = (block_table.gather(1, pos // bs) * bs + (pos + 1) % bs).reshape(-1)", (MODELS,)),
+             "blocks, offsets = block_table.gather(1, pos // bs), pos % bs",
+             "blocks, offsets = block_table.gather(1, pos // bs), (pos + 1) % bs", (MODELS,)),
     Mutation("full attention (math path): no causal mask in decoders", "models/full.py",
              "            allowed = causal_allowed(q_pos, k_pos)",
              "            allowed = split_positions(q_pos, k_pos)[2]", (MODELS,)),

@@ -61,6 +61,10 @@ class GraphSpec(_Model):
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
     dims: dict[str, DimRange] = Field(default_factory=dict)
+    # output -> input: the output is the input's buffer after an in-place write (checked on the graph: one
+    # ScatterND takes the input as its data and makes the output; nothing else reads the input's values), so a
+    # runtime may bind both to one buffer (effx.core.protocol)
+    aliases: dict[str, str] = Field(default_factory=dict)
 
     @field_validator("file")
     @classmethod

@@ -41,47 +41,92 @@ def block_table_for(plan: CachePlan, batch: int, total: int) -> np.ndarray:
 
 
 class DecodeDriver:
-    """State a host keeps between decoder steps: the cache tensors, the position of each sequence and, for
+    """State a host keeps between decoder steps: the cache buffers, the position of each sequence and, for
     paged caches, the block table (allocated for `total` tokens per sequence unless one is given).
 
         driver = DecodeDriver(manifest, batch=2, total=64)
         outs = driver.prefill(runner.infer, prompt_ids)      # (B, P) -> logits (B, P, V)
         outs = driver.step(runner.infer, next_ids)           # (B, 1) -> logits (B, 1, V)
+
+    The host allocates the buffers of contiguous layers (`capacity` = total slots), ring layers (`ring_{i}` =
+    window + chunk - 1 slots, `chunk` being the longest step after the prompt; longer steps are split) and
+    paged pools; the prefill takes them too. A runner that writes a graph's `aliases` in place gives the same
+    arrays back, updated; any other runner returns new arrays, which become the buffers of the next step.
     """
 
-    def __init__(self, manifest: Manifest, batch: int, total: int, block_table: np.ndarray | None = None):
+    def __init__(self, manifest: Manifest, batch: int, total: int, block_table: np.ndarray | None = None,
+                 chunk: int = 1):
         if manifest.kv_cache is None or "decode" not in manifest.graphs:
             raise EffxError("this export has no decode graph (an encoder, or a decoder exported without a cache)")
         self.plan = manifest.kv_cache
         self.batch, self.total = batch, total
         self.position = 0
-        self.cache: Feed = {}
         self.block_table = block_table
         if self.plan.paged and block_table is None:
             self.block_table = block_table_for(self.plan, batch, total)
-        # the cache tensors the prefill graph takes (the paged layers' pools: the host owns them)
+        windows = {f"ring_{layer.index}": int(layer.params["window"]) for layer in self.plan.layers if layer.layout == "ring"}
+        self.sizes = {"batch": batch, "capacity": total} | {k: w + chunk - 1 for k, w in windows.items()}
+        # the longest step the ring buffers take: write-before-attend overwrites slots older than every window
+        self.max_step = min((self.sizes[k] - w + 1 for k, w in windows.items()), default=None)
+        # the buffers the prefill graph takes (the host owns them)
         prefill_inputs = {t.name for t in manifest.graphs["prefill"].inputs}
-        self._host_pools = [t for t in self.plan.tensors if t.input in prefill_inputs]
+        self._host = [t for t in self.plan.tensors if t.input in prefill_inputs]
+        self.cache: Feed = {t.input: np.zeros(self.shape_of(t), np.dtype(t.dtype)) for t in self._host}
+
+    def shape_of(self, tensor) -> tuple[int, ...]:
+        """A cache tensor's shape for this host: symbolic dims resolved (batch, capacity, ring_{i})."""
+        try:
+            return tuple(d if isinstance(d, int) else self.sizes[d] for d in tensor.shape)
+        except KeyError as exc:
+            raise EffxError(f"cache tensor {tensor.input} has a dimension {exc} this host cannot size") from None
+
+    def set_chunk(self, chunk: int) -> None:
+        """Resize the ring buffers for steps of up to `chunk` tokens (window + chunk - 1 slots), keeping the
+        newest tokens: e.g. fill a long context in large steps, then decode one token at a time in a ring of
+        exactly the window."""
+        windows = {f"ring_{layer.index}": int(layer.params["window"]) for layer in self.plan.layers
+                   if layer.layout == "ring"}
+        if not windows:
+            return
+        old = dict(self.sizes)
+        self.sizes |= {k: w + chunk - 1 for k, w in windows.items()}
+        self.max_step = chunk
+        for t in self.plan.tensors:
+            dim = t.shape[2] if len(t.shape) > 2 else None
+            if dim not in windows:
+                continue
+            buf = self.cache[t.input]
+            n_old, n_new = old[dim], self.sizes[dim]
+            # the newest tokens both rings hold (older slots stay zero: outside every window)
+            pos = np.arange(max(0, self.position - min(n_old, n_new)), self.position)
+            new = np.zeros(self.shape_of(t), buf.dtype)
+            new[:, :, pos % n_new] = buf[:, :, pos % n_old]
+            self.cache[t.input] = new
 
     # -- feeds ----------------------------------------------------------------------------------------
     def prefill_feed(self, ids: np.ndarray) -> Feed:
-        """Inputs of the prefill graph for the prompt `ids` (B, P)."""
+        """Inputs of the prefill graph for the prompt `ids` (B, P): the tokens and the host's buffers."""
+        self._check_fits(ids.shape[1])
         feed: Feed = {"input_ids": ids}
-        if self.plan.paged:  # the pools are the host's: the prefill graph writes into them
+        if self.plan.paged:
             feed |= {"new_lengths": np.full(ids.shape[0], ids.shape[1], np.int64), "block_table": self.block_table}
-            feed |= {t.input: np.zeros(t.shape, np.float32) for t in self._host_pools}
-        return feed
+        return feed | {t.input: self.cache[t.input] for t in self._host}
 
     def step_feed(self, ids: np.ndarray) -> Feed:
         """Inputs of the decode graph for new tokens `ids` (B, S) after the tokens cached so far."""
+        self._check_fits(self.position + ids.shape[1])
         feed = {"input_ids": ids, "past_lengths": np.full(ids.shape[0], self.position, np.int64)} | self.cache
         if self.plan.paged:
             feed |= {"new_lengths": np.full(ids.shape[0], ids.shape[1], np.int64), "block_table": self.block_table}
         return feed
 
+    def _check_fits(self, tokens: int) -> None:
+        if tokens > self.total:
+            raise EffxError(f"{tokens} tokens exceed the {self.total} this decode was sized for (DecodeDriver total)")
+
     def advance(self, outs: dict[str, np.ndarray], new_tokens: int) -> None:
-        """Take a step's outputs as the cache for the next one."""
-        self.cache = cache_feed(outs)
+        """Take a step's outputs as the cache for the next one (the same arrays where written in place)."""
+        self.cache = self.cache | cache_feed(outs)
         self.position += new_tokens
 
     # -- steps ----------------------------------------------------------------------------------------
@@ -91,6 +136,12 @@ class DecodeDriver:
         return outs
 
     def step(self, infer: Infer, ids: np.ndarray) -> dict[str, np.ndarray]:
+        """New tokens (B, S) against the cache; steps longer than the ring buffers take are split (the logits
+        of the pieces are concatenated)."""
+        n = self.max_step or ids.shape[1]
+        if ids.shape[1] > n:
+            parts = [self.step(infer, ids[:, i:i + n]) for i in range(0, ids.shape[1], n)]
+            return {"logits": np.concatenate([p["logits"] for p in parts], axis=1)}
         outs = infer(self.step_feed(ids), "decode")
         self.advance(outs, ids.shape[1])
         return outs

@@ -47,11 +47,11 @@ def register_cache(entry: CacheEntry) -> CacheEntry:
 
 
 register_cache(CacheEntry("none", "NoCacheSpec", "no cache: full forward only (encoders)", grows=False))
-register_cache(CacheEntry("contiguous", "ContiguousCacheSpec", "[B,H_kv,S,D] per layer, concatenated", grows=True))
+register_cache(CacheEntry("contiguous", "ContiguousCacheSpec", "[B,H_kv,C,D] per layer, C slots for every cached token, written in place", grows=True))
 register_cache(
     CacheEntry("paged", "PagedCacheSpec", "block pool [blocks,bs,H_kv,D] + per-sequence block table", grows=True)
 )
-register_cache(CacheEntry("ring", "RingCacheSpec", "rolling [B,H_kv,W,D]: token p in slot p mod W", grows=False))
+register_cache(CacheEntry("ring", "RingCacheSpec", "rolling [B,H_kv,C,D], C >= window: token p in slot p mod C", grows=False))
 register_cache(CacheEntry("state", "StateCacheSpec", "recurrent S [B,H_kv,m,D] and z [B,H_kv,m]", grows=False))
 register_cache(
     CacheEntry("multiscale", "MultiscaleCacheSpec", "K/V per hourglass level (1/f rows per token) + pooling tails",

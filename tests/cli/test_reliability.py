@@ -18,6 +18,7 @@ import tomllib
 from effx.core.atomic import MARKER, read_marker
 from effx.core.errors import StepFailed
 from effx.core.manifest import Manifest
+from effx.core.protocol import DecodeDriver
 from effx.core.registry import ATTENTION
 from tests.cli.test_cli import run_cli
 
@@ -246,7 +247,7 @@ def test_run_int8_dynamic_and_opset_20(tmp_path, capsys, monkeypatch):
     manifest = Manifest.read(tmp_path / "o" / "build" / "cpu")
     assert manifest.opsets[""] == 20 and manifest.build.precision == "int8"
     assert manifest.build.extra["calibration"] is None  # dynamic: no calibration feeds
-    feed = {"input_ids": np.zeros((1, 3), np.int64)}
+    feed = DecodeDriver(manifest, 1, 3).prefill_feed(np.zeros((1, 3), np.int64))  # the host's ring buffers too
     sess = ort.InferenceSession(str(tmp_path / "o" / "build" / "cpu" / "prefill.onnx"))
     assert sess.run(None, feed)[0].shape == (1, 3, 1000)
 

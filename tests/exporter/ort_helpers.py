@@ -9,7 +9,7 @@ import onnxruntime as ort
 from onnx.reference import ReferenceEvaluator
 
 from effx.core.manifest import Manifest
-from effx.core.protocol import decode_loop
+from effx.core.protocol import DecodeDriver, decode_loop
 from effx.core.runner import Runner
 from effx.targets.ort import OrtRunner
 
@@ -61,13 +61,12 @@ def runtimes_agree(folder: Path, manifest: Manifest, ids: np.ndarray, prompt: in
     return max(float(np.abs(a - b).max()) for a, b in zip(*got, strict=True))
 
 
-def empty_cache_feed(manifest: Manifest, batch: int) -> dict[str, np.ndarray]:
-    """Cache tensors before the first step, from the manifest's shapes."""
-    feed = {}
-    for t in manifest.kv_cache.tensors:
-        shape = [batch if d == "batch" else d for d in t.shape]
-        feed[t.input] = np.zeros(shape, np.float32)
-    return feed
+def empty_cache_feed(manifest: Manifest, batch: int, total: int = 16, chunk: int = 4) -> dict[str, np.ndarray]:
+    """Cache tensors before the first step: the host's buffers sized as DecodeDriver sizes them (contiguous
+    `capacity`, rings for steps of `chunk` tokens), every other growing axis empty."""
+    sizes = DecodeDriver(manifest, batch, total, chunk=chunk).sizes
+    return {t.input: np.zeros([d if isinstance(d, int) else sizes.get(d, 0) for d in t.shape], np.dtype(t.dtype))
+            for t in manifest.kv_cache.tensors}
 
 
 def encoder_error(path: Path, model, batch: int, n: int, pad_last: int = 0) -> float:

@@ -198,10 +198,26 @@ bool CachePlan::paged() const {
 }
 
 bool CachePlan::has_past_sequence() const {
-    if (layers.empty()) return grows && layout != "paged";
+    if (layers.empty()) return layout == "multiscale";
     for (const auto& l : layers)
-        if (l.layout == "contiguous" || l.layout == "multiscale") return true;
+        if (l.layout == "multiscale") return true;
     return false;
+}
+
+bool CachePlan::has_capacity() const {
+    if (layers.empty()) return layout == "contiguous";
+    for (const auto& l : layers)
+        if (l.layout == "contiguous") return true;
+    return false;
+}
+
+std::map<std::string, int64_t> CachePlan::buffer_sizes(int64_t tokens) const {
+    std::map<std::string, int64_t> sizes{{"capacity", tokens}};
+    for (const auto& l : layers)
+        if (l.layout == "ring")
+            if (auto it = l.int_params.find("window"); it != l.int_params.end())
+                sizes["ring_" + std::to_string(l.index)] = it->second;  // one token per step: window slots
+    return sizes;
 }
 
 const CacheTensor* CachePlan::by_input(const std::string& n) const {

@@ -4,8 +4,10 @@
 //
 // Encoders (and decoders without a cache plan): I timed forward passes after W warm-ups.
 // Decoders: prefill N tokens, then S greedy decode steps following manifest.kv_cache (contiguous, paged, ring,
-// state, multiscale): every present.* output is fed back as the matching past.* input of the next step
-// (two device buffers per cache tensor, ping-pong), past_lengths / new_lengths / block_table are computed on
+// state, multiscale): the host allocates the contiguous (capacity = N + S slots), ring (window slots) and paged
+// buffers, which the prefill takes too; every present.* output is fed back as the matching past.* input of the
+// next step (two device buffers per cache tensor, ping-pong: TensorRT does not write an input in place, so the
+// graphs' `aliases` are not used here), past_lengths / new_lengths / block_table are computed on
 // the host as effx.core.protocol.DecodeDriver does (the one Python driver of the protocol: effx/core/protocol.py),
 // and the next token is the argmax of the last logits (effx.core.protocol.greedy).
 #include <algorithm>
@@ -380,6 +382,8 @@ public:
             if (plan_.has_past_sequence())
                 check_range(decode.spec(), "past_sequence", tokens_total_ - 1, "--seq + --steps - 1 (cached tokens)");
         }
+        sizes_ = plan_.buffer_sizes(tokens_total_);  // the host's buffers: contiguous capacity, ring slots
+        if (plan_.has_capacity()) check_range(prefill.spec(), "capacity", tokens_total_, "--seq + --steps (cache capacity)");
         if (bundle_.max_seq_len > 0 && tokens_total_ > bundle_.max_seq_len)
             throw Error("--seq + --steps = " + std::to_string(tokens_total_) + " exceeds the model's max_seq_len " +
                         std::to_string(bundle_.max_seq_len));
@@ -397,7 +401,8 @@ public:
             for (effx::Engine* e : {&prefill_, &decode_}) {
                 const effx::Engine::IO* io = e->find(s.plan->output);
                 if (!io) continue;
-                const Env env{{"batch", o.batch}, {"sequence", e == &prefill_ ? o.seq : 1}};
+                Env env{{"batch", o.batch}, {"sequence", e == &prefill_ ? o.seq : 1}};
+                env.insert(sizes_.begin(), sizes_.end());
                 bytes = std::max(bytes, static_cast<size_t>(volume_bound(io->spec->shape, env, tokens_total_)) *
                                             effx::dtype_size(io->dtype));
             }
@@ -444,7 +449,8 @@ private:
     // One graph call: `ids` [B, n] new tokens, `past` tokens already cached. Returns the greedy next tokens.
     std::vector<int64_t> step(effx::Engine& e, const std::vector<int64_t>& ids, int64_t n, int64_t past, Timer& ev) {
         const int64_t B = o_.batch;
-        const Env env{{"batch", B}, {"sequence", n}};
+        Env env{{"batch", B}, {"sequence", n}};
+        env.insert(sizes_.begin(), sizes_.end());
         for (const auto& io : e.io()) {
             if (!io.is_input) continue;
             if (io.name == "input_ids") {
@@ -463,7 +469,7 @@ private:
                     auto shape = resolve(ct->shape, env);
                     if (!shape)
                         throw Error("cache input '" + io.name + "' has initial shape " + shape_of(ct->shape) +
-                                    " that effx_run cannot resolve (only batch is known before the first step)");
+                                    " that effx_run cannot resolve (it knows batch, capacity and ring_{i})");
                     s.shape = *shape;
                     const size_t need = static_cast<size_t>(effx::volume(s.shape)) * effx::dtype_size(io.dtype);
                     if (need > s.buf[s.cur].bytes()) {
@@ -565,6 +571,7 @@ private:
     std::map<std::string, effx::DeviceBuffer> scratch_;
     std::map<std::string, std::vector<char>> staging_;
     std::vector<char> host_;
+    std::map<std::string, int64_t> sizes_;  // buffer dims: capacity, ring_{i}
 };
 
 int run_decoder(const effx::Bundle& bundle, effx::Engine& prefill, effx::Engine& decode, const Options& o,

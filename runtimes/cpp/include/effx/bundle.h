@@ -87,8 +87,13 @@ struct CachePlan {
 
     // Whether some layer is paged: the host then keeps one block table (and new_lengths) for them.
     bool paged() const;
-    // Whether some layer's cache grows along the past_sequence axis (contiguous layers).
+    // Whether some layer's cache grows along the past_sequence axis (multiscale layers at full resolution).
     bool has_past_sequence() const;
+    // Whether some layer holds a contiguous buffer of `capacity` slots (>= every token the host caches).
+    bool has_capacity() const;
+    // The buffer dims a host sizes for a run of `tokens` tokens decoded one per step: capacity = tokens and,
+    // per ring layer i, ring_{i} = its window (a step of S tokens would need window + S - 1 slots).
+    std::map<std::string, int64_t> buffer_sizes(int64_t tokens) const;
     const CacheTensor* by_input(const std::string& n) const;
     const CacheTensor* by_output(const std::string& n) const;
     const ControlInput* control(const std::string& n) const;
