@@ -9,6 +9,10 @@ with the same settings skips finished cells (resumable). Plots: latency and memo
 
 Peak memory is the growth of the cell process's resident set from just before the first inference to its
 peak (sampled): the activations (attention scores, projections) rather than the runtime's code and weights.
+It is measured twice, each cell in its own process: with ONNX Runtime's CPU memory arena (the default
+session, `peak_mb`; latency is timed there) and without it (`peak_mb_no_arena`, one untimed run: memory
+peaks in the first). The arena rounds requests up and keeps freed blocks for reuse, so with it ratios
+partly measure the allocator; without it they measure what the graph's tensors need.
 """
 
 from __future__ import annotations
@@ -82,9 +86,11 @@ def bench(kinds: list[str], seqs: list[int], batches: list[int] | None = None, t
           params: dict[str, dict[str, Any]] | None = None, output: str | Path = "bench",
           mem_limit_mb: int | None = None, warmup: int = 1, iters: int = 5, threads: int = 0,
           fresh: bool = False, plots: bool = True, progress: Say | None = None,
-          on_cell: Callable[[int, int], None] | None = None) -> dict:
+          on_cell: Callable[[int, int], None] | None = None, cell_runner: Callable[..., dict] | None = None) -> dict:
     """Run the sweep; returns the results dict also written to `output`/bench.json. `progress` gets what is
-    being done, `on_cell(done, total)` the count of cells to run in this call (for a progress bar)."""
+    being done, `on_cell(done, total)` the count of cells to run in this call (for a progress bar).
+    `cell_runner` (run_cell's arguments and result) runs a cell elsewhere: a Ray node for `effx bench --ray`."""
+    run_one = cell_runner or run_cell
     say = progress or (lambda _m: None)
     profile = get_target(target)
     check_request(profile, precision)
@@ -98,7 +104,7 @@ def bench(kinds: list[str], seqs: list[int], batches: list[int] | None = None, t
     mem_limit_mb = mem_limit_mb or _default_limit_mb()
     config = {"target": target, "precision": precision, "d_model": d_model, "heads": heads, "layers": layers,
               "family": "encoder", "params": params, "warmup": warmup, "iters": iters, "threads": threads,
-              "mem_limit_mb": mem_limit_mb}
+              "mem_limit_mb": mem_limit_mb, "memory": "peak RSS growth with and without ORT's CPU arena"}
     out = Path(output)
     check_output_dir(out, "bench", overwrite=fresh, resumable=True)  # before any work
     results_path = out / "bench.json"
@@ -116,7 +122,7 @@ def bench(kinds: list[str], seqs: list[int], batches: list[int] | None = None, t
                     say(f"export + build {kind} (max n {max_n})")
                     built[kind] = _build(specs[kind], Path(work) / kind, target, precision)
                 say(f"[{i}/{len(todo)}] {kind} n={n} batch={b}")
-                cell = run_cell(built[kind], n, b, warmup, iters, threads, mem_limit_mb)
+                cell = run_one(built[kind], n, b, warmup, iters, threads, mem_limit_mb)
                 results["cells"].append({"kind": kind, "label": _label(kind, params[kind]), "seq": n, "batch": b}
                                         | cell)
                 results["ratios"] = ratios(results["cells"])
@@ -174,14 +180,25 @@ def _build(spec, folder: Path, target: str, precision: str) -> Path:
 
 def run_cell(build_dir: Path, n: int, batch: int, warmup: int, iters: int, threads: int,
              mem_limit_mb: int, timeout_s: float = 3600) -> dict:
-    """One cell in a child process under RLIMIT_AS; OOM and crashes become records, not exceptions."""
+    """One cell: timed in a child process with ONNX Runtime's CPU arena (the default session), then its
+    memory once more in another child without the arena (`peak_mb_no_arena`)."""
+    cell = _run_child(build_dir, n, batch, warmup, iters, threads, mem_limit_mb, timeout_s, arena=True)
+    if cell["status"] == "ok":
+        bare = _run_child(build_dir, n, batch, 0, 1, threads, mem_limit_mb, timeout_s, arena=False)
+        cell["peak_mb_no_arena"] = bare["peak_mb"] if bare["status"] == "ok" else bare["status"]
+    return cell
+
+
+def _run_child(build_dir: Path, n: int, batch: int, warmup: int, iters: int, threads: int,
+               mem_limit_mb: int, timeout_s: float, arena: bool) -> dict:
+    """One run in a child process under RLIMIT_AS; OOM and crashes become records, not exceptions."""
     limit = int(mem_limit_mb) * 2**20
 
     def cap() -> None:
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 
     args = json.dumps({"build": str(build_dir), "n": n, "batch": batch, "warmup": warmup, "iters": iters,
-                       "threads": threads})
+                       "threads": threads, "arena": arena})
     try:
         proc = subprocess.run([sys.executable, "-m", "effx.check.bench", "cell", args], capture_output=True, text=True,
                               preexec_fn=cap, timeout=timeout_s)
@@ -204,7 +221,7 @@ def _cell_main(args: dict) -> None:
     rng = np.random.default_rng(0)
     ids = rng.integers(0, manifest.spec["model"]["vocab_size"], (args["batch"], args["n"]), dtype=np.int64)
     feed = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
-    with open_runner(folder, manifest, threads=args["threads"]) as runner:
+    with open_runner(folder, manifest, threads=args["threads"], arena=args.get("arena", True)) as runner:
         with PeakRss() as mem:
             for _ in range(args["warmup"] + args["iters"]):
                 runner.infer(feed)
@@ -241,12 +258,19 @@ def ratios(cells: list[dict]) -> list[dict]:
         if c["status"] == "ok" and f["status"] == "ok":
             row["speedup"] = f["p50_ms"] / c["p50_ms"]
             row["memory_saving"] = (f["peak_mb"] / c["peak_mb"]) if c.get("peak_mb") and f.get("peak_mb") else None
+            bare, full_bare = c.get("peak_mb_no_arena"), f.get("peak_mb_no_arena")
+            if bare is not None or full_bare is not None:  # sweeps recorded before arena-off runs lack them
+                row["memory_saving_no_arena"] = full_bare / bare if _positive(bare) and _positive(full_bare) else None
         elif c["status"] == "ok" and f["status"] == "oom":
             row["speedup"] = row["memory_saving"] = "full OOM"
         else:
             row["speedup"] = row["memory_saving"] = c["status"]
         out.append(row)
     return out
+
+
+def _positive(value: Any) -> bool:
+    return isinstance(value, (int, float)) and value > 0
 
 
 def table_markdown(results: dict) -> str:
@@ -280,11 +304,18 @@ def _cell_text(c: dict | None, f: dict | None, is_full: bool) -> str:
         return "-"
     if c["status"] != "ok":
         return c["status"].upper()
+    bare = c.get("peak_mb_no_arena")
     text = f"{c['p50_ms']:.1f} ms, {c['peak_mb']:.0f} MB"
+    if bare is not None:
+        text += f" (no arena {bare:.0f} MB)" if isinstance(bare, (int, float)) else f" (no arena {bare.upper()})"
     if not is_full and f is not None:
         if f["status"] == "ok":
             saving = f["peak_mb"] / c["peak_mb"] if c["peak_mb"] and f["peak_mb"] else float("nan")
-            text += f" ({f['p50_ms'] / c['p50_ms']:.1f}x / {saving:.1f}x)"
+            text += f" ({f['p50_ms'] / c['p50_ms']:.1f}x / {saving:.1f}x"
+            full_bare = f.get("peak_mb_no_arena")
+            if _positive(bare) and _positive(full_bare):
+                text += f", no arena {full_bare / bare:.1f}x"
+            text += ")"
         else:
             text += f" (full {f['status'].upper()})"
     return text
@@ -307,6 +338,10 @@ def write_plots(results: dict, out: Path) -> list[str]:
                 suffix = f" (batch {b})" if len({c['batch'] for c in cells}) > 1 else ""
                 if ok:
                     line, = ax.plot(*zip(*ok, strict=True), marker="o", label=label + suffix)
+                    bare = [(n, c["peak_mb_no_arena"]) for n, c in pts if _positive(c.get("peak_mb_no_arena"))]
+                    if key == "peak_mb" and bare:  # dashed: the same cells without ONNX Runtime's CPU arena
+                        ax.plot(*zip(*bare, strict=True), marker=".", linestyle="--", color=line.get_color(),
+                                label=f"{label}{suffix}, no arena")
                     bad = [n for n, c in pts if c["status"] != "ok"]
                     if bad:
                         top = max(v for _, v in ok)

@@ -40,9 +40,10 @@ from effx.core.lazy import has_module
 from effx.core.manifest import Manifest
 from effx.core.protocol import decode_loop, greedy
 from effx.core.runner import Runner
-from effx.core.tolerance import Tolerance, agreement, tolerance_for
+from effx.core.tolerance import Tolerance, agreement, pooled_agreement, tolerance_for
 from effx.models.hf_import import import_hf
 from effx.targets.api import open_runner
+from effx.targets.calib import TEXT_PREFIX, TextTokens
 
 Say = Callable[[str], None]
 
@@ -50,6 +51,7 @@ Say = Callable[[str], None]
 @dataclass
 class Case:
     feed: dict[str, np.ndarray]  # input_ids (+ attention_mask for encoders)
+    text: bool = False  # real text: encoders are judged as sentence embeddings too
 
     @property
     def batch(self) -> int:
@@ -61,13 +63,20 @@ class Case:
 
 
 # --------------------------------------------------------------------------------------------------- inputs
-def make_cases(manifest: Manifest, inputs: str, seqs: list[int], batches: list[int], seed: int = 0) -> list[Case]:
+def make_cases(manifest: Manifest, inputs: str, seqs: list[int], batches: list[int], seed: int = 0,
+               folder: Path | None = None, tokenizer_dir: Path | None = None,
+               text: TextTokens | None = None) -> list[Case]:
+    """The inputs of each check: random tokens per (batch, seq), an .npz, or `text:FILE` packed into
+    (batch, seq) sequences with the model's tokenizer (the one of `tokenizer_dir`, else of the HF folder the
+    export came from, else bytes; effx.targets.calib), taken from other windows of the text than calibration."""
     spec = manifest.spec["model"]
     encoder = manifest.family == "encoder"
-    if inputs != "random":
+    if inputs.startswith(TEXT_PREFIX) and text is None:
+        text = TextTokens.load(manifest, inputs[len(TEXT_PREFIX):], folder, what="--inputs", tokenizer_dir=tokenizer_dir)
+    if inputs != "random" and text is None:
         path = Path(inputs)
         if not path.is_file():
-            raise SpecError(f"--inputs {inputs}: no such file; pass `random` or an .npz with input_ids (B, N)")
+            raise SpecError(f"--inputs {inputs}: no such file; pass `random`, text:FILE or an .npz with input_ids (B, N)")
         try:
             data = np.load(path)
             ids = np.asarray(data["input_ids"], np.int64)
@@ -88,14 +97,15 @@ def make_cases(manifest: Manifest, inputs: str, seqs: list[int], batches: list[i
             if seq > spec["max_seq_len"] or seq < (1 if encoder else 2):
                 raise SpecError(f"--seq {seq} is outside 1..{spec['max_seq_len']} (model.max_seq_len)"
                                 + ("" if encoder else "; decoders need >= 2 (a prompt and a step)"))
-            ids = rng.integers(0, spec["vocab_size"], (batch, seq), dtype=np.int64)
+            ids = rng.integers(0, spec["vocab_size"], (batch, seq), dtype=np.int64) if text is None \
+                else text.sequences(batch, seq, part=1)
             feed = {"input_ids": ids}
             if encoder:
                 mask = np.ones_like(ids)
                 if batch > 1 and seq > 2:
                     mask[-1, seq - seq // 4:] = 0  # one padded row, so the mask path is checked too
                 feed["attention_mask"] = mask
-            cases.append(Case(feed))
+            cases.append(Case(feed, text=text is not None))
     return cases
 
 
@@ -118,6 +128,12 @@ def _encoder_case(runner: Runner, reference: TorchRunner, case: Case, tol: Toler
         checks.append(_check(name, g, r, tol))
         if g.shape == r.shape:
             errors.setdefault(name, np.abs(g.astype(np.float64) - r))
+        if case.text and got[name].ndim == 3 and got[name].shape == ref[name].shape:
+            # what a sentence-embedding user sees: the mean over each row's unpadded tokens
+            mask = feed.get("attention_mask", np.ones(got[name].shape[:2], np.int64))
+            pooled = pooled_agreement(got[name], ref[name], mask, tol)
+            checks.append(OutputCheck(name=f"{name} mean-pooled (real text, cosine >= {tol.min_pooled_cosine:g})",
+                                      shape=[got[name].shape[0], got[name].shape[2]], **pooled.as_dict()))
     return CaseCheck(batch=case.batch, seq=case.seq, outputs=checks, passed=all(c.passed for c in checks))
 
 
@@ -179,7 +195,8 @@ class ValidateOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     against: str = Field("torch", description="reference to compare with (the PyTorch model)")
-    inputs: str = Field("random", description="random, or an .npz with input_ids (and attention_mask)")
+    inputs: str = Field("random", description="random, text:FILE (real text, the model's tokenizer), or an .npz "
+                                              "with input_ids (and attention_mask)")
     seqs: list[int] | None = Field(None, description="sequence lengths of random inputs (default min(16, max))")
     batches: list[int] | None = Field(None, description="batch sizes of random inputs (default 2)")
     steps: int = Field(8, ge=1, description="decoders: greedy tokens to generate and compare")
@@ -210,7 +227,10 @@ def validate(artifact: str | Path, options: ValidateOptions | None = None, *, re
     max_len = manifest.spec["model"]["max_seq_len"]
     seqs = opts.seqs or [min(16, max_len)]
     batches = opts.batches or [2]
-    cases = make_cases(manifest, opts.inputs, seqs, batches, seed=manifest.spec["model"]["seed"] + 1)
+    hf_reference = Path(str(reference)[3:]) if reference is not None and str(reference).startswith("hf:") else None
+    text = None if not opts.inputs.startswith(TEXT_PREFIX) else \
+        TextTokens.load(manifest, opts.inputs[len(TEXT_PREFIX):], folder, what="--inputs", tokenizer_dir=hf_reference)
+    cases = make_cases(manifest, opts.inputs, seqs, batches, seed=manifest.spec["model"]["seed"] + 1, text=text)
     out_dir = Path(output) if output is not None else folder.parent / f"{folder.name}.validate"
     check_output_dir(out_dir, "validate", overwrite)
 
@@ -244,10 +264,20 @@ def validate(artifact: str | Path, options: ValidateOptions | None = None, *, re
             with runner:
                 divergence = find_divergence(runner, ref_runner, bad.feed, tol, say)
         env = environment(runner, ref_runner)
+    memory = [Memory(runner=runner.name + (" (CPU arena on)" if getattr(runner, "arena", False) else ""),
+                     peak_mb=run_mem.peak_mb, method=PeakRss.method)]
+    if getattr(runner, "arena", False) and env.get("ort_providers") == ["CPUExecutionProvider"]:
+        # again without ONNX Runtime's CPU arena (after the arena session is gone): what the graph needs rather
+        # than what the allocator keeps; every case once, each graph once per case
+        say("memory without ONNX Runtime's CPU arena")
+        with PeakRss() as bare_mem, open_runner(folder, manifest, provider=opts.provider, arena=False) as bare:
+            for case in cases:
+                measure(bare, manifest, case.feed, 0, 1, {})
+        memory.append(Memory(runner=f"{runner.name} (CPU arena off)", peak_mb=bare_mem.peak_mb,
+                             method=PeakRss.method + ", one run per case"))
     drift = _drift(model, cases, manifest, say)
-    memory = [Memory(runner=runner.name, peak_mb=run_mem.peak_mb, method=PeakRss.method),
-              Memory(runner="torch (load)", peak_mb=ref_mem.peak_mb, method=PeakRss.method),
-              Memory(runner="torch (run)", peak_mb=ref_run_mem.peak_mb, method=PeakRss.method)]
+    memory += [Memory(runner="torch (load)", peak_mb=ref_mem.peak_mb, method=PeakRss.method),
+               Memory(runner="torch (run)", peak_mb=ref_run_mem.peak_mb, method=PeakRss.method)]
     report = ValidationReport(
         output=str(out_dir),
         created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), artifact=str(folder),
@@ -255,7 +285,7 @@ def validate(artifact: str | Path, options: ValidateOptions | None = None, *, re
         backend=info.backend if info else "ort", precision=precision, family=manifest.family,
         attention=model.spec.attention_summary(), kv_cache=model.spec.cache_layout, runner=runner.name,
         against=opts.against, reference=ref_info,
-        inputs=opts.inputs if opts.inputs != "random" else f"random tokens, seq {seqs} x batch {batches}",
+        inputs=_describe_inputs(opts.inputs, seqs, batches, text),
         tolerance=tol.as_dict(), cases=checks, divergence=divergence, drift=drift, latency=latency, memory=memory,
         environment=env, passed=passed,
     )
@@ -270,6 +300,13 @@ def validate(artifact: str | Path, options: ValidateOptions | None = None, *, re
     if raise_on_fail:
         check_passed(report, out_dir)
     return report
+
+
+def _describe_inputs(inputs: str, seqs: list[int], batches: list[int], text: TextTokens | None) -> str:
+    if text is not None:
+        return (f"real text {text.source} ({text.tokenizer}; {text.ids.size} tokens), packed into seq {seqs} x batch "
+                f"{batches}, other windows of it than calibration takes")
+    return f"random tokens, seq {seqs} x batch {batches}" if inputs == "random" else inputs
 
 
 def check_passed(report: ValidationReport, out_dir: Path) -> None:

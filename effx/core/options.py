@@ -58,6 +58,7 @@ class BuildOptions(_Options):
     target: str = Field("cpu", description="target to build for (see `effx targets`)",
                         json_schema_extra={"short": "-t"})
     precision: str = Field("fp32", description="fp32 | fp16 | bf16 | int8 | fp8 | int4w")
-    calib: str = Field("random", description="int8 calibration: random | dynamic (ORT) | FILE.npz | token file")
+    calib: str = Field("auto", description="int8: auto (cpu: dynamic, else random) | dynamic (ORT) | random | "
+                                           "text:FILE (real text, the model's tokenizer) | FILE.npz | token file")
     calib_samples: int = Field(8, ge=1, description="calibration batches")
     dla_core: int | None = Field(None, ge=0, description="run on this DLA core (GPU fallback on)")

@@ -9,8 +9,9 @@ from effx.targets.ort.build import build_ort as build_target
 from effx.targets.ort.runner import OrtRunner, ort_providers
 
 
-def open_runner(folder: Path, manifest: Manifest, provider: str | None = None, threads: int = 0) -> OrtRunner:
-    return OrtRunner(folder, manifest, provider=provider, threads=threads)
+def open_runner(folder: Path, manifest: Manifest, provider: str | None = None, threads: int = 0,
+                arena: bool = True) -> OrtRunner:
+    return OrtRunner(folder, manifest, provider=provider, threads=threads, arena=arena)
 
 
 __all__ = ["OrtRunner", "build_target", "open_runner", "ort_providers"]

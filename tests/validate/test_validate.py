@@ -42,7 +42,8 @@ def _built(tmp_path_factory, name: str, precision: str = "fp32") -> Path:
             export_model(build_model(spec), root / "onnx")
             _BUILDS[name] = root
         root = _BUILDS[name]
-        build(root / "onnx", "cpu", precision, calib_samples=2, out_dir=root / precision)
+        # int8: static QDQ calibrated through the host protocol (cpu's default would be dynamic, uncalibrated)
+        build(root / "onnx", "cpu", precision, calib="random", calib_samples=2, out_dir=root / precision)
         _BUILDS[key] = root / precision
     return _BUILDS[key]
 
