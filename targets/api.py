@@ -25,7 +25,7 @@ def list_targets() -> list[TargetProfile]:
     return list(TARGETS.values())
 
 
-def build(onnx_dir: str | Path, target: str = "cpu", precision: str = "fp32", calib: str = "random",
+def build(onnx_dir: str | Path, target: str = "cpu", precision: str = "fp32", calib: str = "auto",
           calib_samples: int = 8, dla_core: int | None = None, out_dir: str | Path = "build",
           overwrite: bool = False, progress: Callable[[str], None] | None = None) -> Manifest:
     """Build `onnx_dir` (written by `effx export`) for `target`. Capability errors come before any work.
@@ -55,7 +55,11 @@ def build(onnx_dir: str | Path, target: str = "cpu", precision: str = "fp32", ca
     return built
 
 
-def open_runner(folder: Path, manifest: Manifest, provider: str | None = None, threads: int = 0) -> Runner:
-    """The runner for what `folder` holds: engines of its build's backend, or ONNX graphs for ONNX Runtime."""
+def open_runner(folder: Path, manifest: Manifest, provider: str | None = None, threads: int = 0,
+                arena: bool = True) -> Runner:
+    """The runner for what `folder` holds: engines of its build's backend, or ONNX graphs for ONNX Runtime
+    (`arena`: ONNX Runtime's CPU memory arena; other backends have none)."""
     backend = manifest.build.backend if manifest.build is not None else "ort"
+    if backend == "ort":
+        return BACKENDS[backend].open_runner(Path(folder), manifest, provider=provider, threads=threads, arena=arena)
     return BACKENDS[backend].open_runner(Path(folder), manifest, provider=provider, threads=threads)

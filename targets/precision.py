@@ -9,6 +9,8 @@ DLA_PRECISIONS = ("fp16", "int8")
 
 
 def check_request(target: TargetProfile, precision: str, dla_core: int | None = None) -> None:
+    if target.unsupported:
+        raise CapabilityError(f"target {target.name} is not supported: {target.unsupported}")
     if precision not in PRECISIONS:
         raise CapabilityError(f"--precision {precision!r} is unknown; choose one of {', '.join(PRECISIONS)}")
     if precision not in target.precisions:

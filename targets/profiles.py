@@ -29,6 +29,7 @@ class TargetProfile:
     unverified: tuple[str, ...] = ()  # fields whose value is not confirmed by a primary source
     notes: str = ""
     ort_providers: tuple[str, ...] = field(default=())
+    unsupported: str = ""  # why effx refuses to build for this row (before any work), empty when it builds
 
     def row(self) -> dict[str, Any]:
         d = asdict(self)
@@ -83,7 +84,10 @@ _add(TargetProfile("jetson-orin-nano", "tensorrt", "Jetson Orin Nano (JetPack 6:
 _add(TargetProfile("jetson-xavier", "tensorrt", "Jetson AGX Xavier (JetPack 5.1: TRT 8.5)", sm=72,
                    tensorrt=("8.5.2 (JetPack 5.1.x)",), tensorrt_major_minor=(8, 5), precisions=_DC, dla_cores=2,
                    memory_gb=32, workspace_gb=1, op_flavours=("effx-functions",), unverified=("tensorrt",),
-                   notes="no bf16/fp8; CUDA 13 dropped sm_72"))
+                   notes="no bf16/fp8; CUDA 13 dropped sm_72",
+                   unsupported="TensorRT 8.5 (JetPack 5.1) parses ONNX opset <= 17 and inlines no ONNX local "
+                               "functions (both from onnx-tensorrt release/8.5-GA and its changelog), while effx "
+                               "exports opset >= 18 with effx function bodies. Use jetson-orin (JetPack 6, TensorRT 10.3) or ONNX Runtime (--target cpu/cuda)"))
 _add(TargetProfile("jetson-thor", "tensorrt", "Jetson AGX Thor (JetPack 7: TRT 10.13.x)", sm=110,
                    tensorrt=("10.13.x (JetPack 7.0/7.1)", "10.x (JetPack 7.2)"), tensorrt_major_minor=(10, 13),
                    precisions=_DC + ("bf16", "fp8", "int4w"), dla_cores=0, memory_gb=128, workspace_gb=4,

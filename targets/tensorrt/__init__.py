@@ -19,9 +19,10 @@ def build_target(src: Path, manifest: Manifest, profile: TargetProfile, precisio
     """Engines where this machine can build them, else a device build kit (and the reason)."""
     reason = why_no_engine(profile)
     if reason is None:
-        return build_engines(src, manifest, profile, precision, dla_core, out, say)
+        return build_engines(src, manifest, profile, precision, dla_core, out, say, calib=calib,
+                             calib_samples=calib_samples)
     say("writing a device build kit")
-    return write_kit(src, manifest, profile, precision, calib, calib_samples, dla_core, reason, out)
+    return write_kit(src, manifest, profile, precision, calib, calib_samples, dla_core, reason, out, say)
 
 
 def open_runner(folder: Path, manifest: Manifest, provider: str | None = None, threads: int = 0) -> TrtRunner:

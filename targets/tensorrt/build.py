@@ -1,25 +1,39 @@
 """TensorRT engines, built where `tensorrt` imports and the GPU is the target's. Written against the TensorRT
 10.x / 11.x Python API (builder, OnnxParser, builder config, optimisation profiles, timing cache, runtime);
-it cannot run on a machine without the TensorRT libraries, where effx writes a device kit instead."""
+it cannot run on a machine without the TensorRT libraries, where effx writes a device kit instead.
+
+Everything follows the TensorRT found here (its version picks the lowering, the facts the graphs are held
+against, the network flags and the engine names; the manifest records it), not the profile's row. The
+parsed graphs are kept in graphs/ of the build folder. Precision: 11.x is strongly typed; on 10.x fp32 and
+Q/DQ graphs build strongly typed and fp16/bf16 take the builder flag, never int8/fp8 flags without Q/DQ."""
 
 from __future__ import annotations
 
 import shutil
-import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
+import onnx
 import torch
 
-from effx.core.errors import EffxError, StepFailed
+from effx.core.errors import EffxError
 from effx.core.lazy import lazy_import
 from effx.core.manifest import BuildInfo, Manifest
-from effx.targets.calib import token_batches
+from effx.plugins.trt import registered_plugins
+from effx.targets.calib import calibration_feeds, token_batches
+from effx.targets.compat import parse_version
+from effx.targets.ort.runner import OrtRunner
 from effx.targets.profiles import TargetProfile
-from effx.targets.tensorrt.kit import engine_name, modelopt_command, shape_flags
+from effx.targets.tensorrt.kit import engine_name, shape_flags
 from effx.targets.tensorrt.plugins import register_plugins
+from effx.targets.tensorrt.prepare import (
+    QUANTIZED,
+    prepare_graphs,
+    refuse_unquantizable,
+    run_modelopt,
+    write_calibration,
+)
 
 
 def why_no_engine(target: TargetProfile) -> str | None:
@@ -50,30 +64,44 @@ def _profile_dims(manifest: Manifest, graph: str) -> dict[str, list[tuple[int, .
 
 
 def build_engines(src: Path, manifest: Manifest, target: TargetProfile, precision: str, dla_core: int | None,
-                  out: Path, say: Callable[[str], None], timing_cache: Path | None = None) -> BuildInfo:
+                  out: Path, say: Callable[[str], None], timing_cache: Path | None = None, calib: str = "random",
+                  calib_samples: int = 8) -> BuildInfo:
     trt = lazy_import("tensorrt", purpose="building engines")
+    version = trt.__version__  # the device's TensorRT decides lowering, flags and names, not the profile's
+    major = parse_version(version)[0]
+    refuse_unquantizable(precision, "on this machine")
+    if major >= 11 and precision in ("fp16", "bf16"):
+        lazy_import("modelopt.onnx", extra="tensorrt", purpose=f"{precision} graphs for TensorRT 11 (nvidia-modelopt[onnx])")
+    prepared = prepare_graphs(src, manifest, target, version, precision, calib, calib_samples, out / "graphs", say)
+    models = {name: onnx.load(str(prepared.folder / g.file), load_external_data=False)
+              for name, g in manifest.graphs.items()}
+    routing = register_plugins(models.values())
+    if routing.bodies and not routing.registered and _effx_plugins_already_registered():
+        raise EffxError("effx plugins were registered earlier in this process and TensorRT >= 10.10 would route this "
+                        "build's unmarked effx nodes to them; build in a fresh process")
+    for note in routing.notes:
+        say(note)
+    if major >= 11 and precision in ("fp16", "bf16"):
+        _graph_precision_with_modelopt(prepared.folder, manifest, precision, prepared.folder, say)
     logger = trt.Logger(trt.Logger.WARNING)
-    register_plugins()
-    major = int(trt.__version__.split(".")[0])
-    if major >= 11 and precision != "fp32":
-        src = _graph_precision_with_modelopt(src, manifest, precision, out, say)
+    quantized = precision in QUANTIZED  # Q/DQ graphs: the graph carries the precision
     cache_path = timing_cache or out / "timing.cache"
     graphs, fallbacks = {}, {}
     for name, g in manifest.graphs.items():
-        say(f"TensorRT {trt.__version__}: {g.file}")
+        say(f"TensorRT {version}: {g.file}")
         builder = trt.Builder(logger)
         flags = 0
-        if major < 11:  # required for explicit precision on 10.x; 11.x is always strongly typed
-            flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if precision == "fp32" else 0
+        if major < 11 and (precision == "fp32" or quantized):  # 11.x is always strongly typed
+            flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
         network = builder.create_network(flags)
         parser = trt.OnnxParser(network, logger)
-        if not parser.parse_from_file(str(src / g.file)):
+        if not parser.parse_from_file(str(prepared.folder / g.file)):
             errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-            raise EffxError(f"TensorRT could not parse {g.file}: {errors}")
+            raise EffxError(f"TensorRT {version} could not parse {g.file}: {errors}")
         config = builder.create_builder_config()
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(target.workspace_gb * (1 << 30)))
         config.builder_optimization_level = 3
-        if major < 11 and precision in ("fp16", "int8", "bf16", "fp8"):
+        if major < 11 and precision in ("fp16", "bf16"):  # weakly typed 10.x: the only precisions flags can honour
             config.set_flag(getattr(trt.BuilderFlag, precision.upper()))
         profile = builder.create_optimization_profile()
         for tensor, (lo, opt, hi) in _profile_dims(manifest, name).items():
@@ -90,30 +118,38 @@ def build_engines(src: Path, manifest: Manifest, target: TargetProfile, precisio
         plan = builder.build_serialized_network(network, config)
         if plan is None:
             raise EffxError(f"TensorRT failed to build {g.file}; rerun with --debug for the builder log")
-        engine_file = engine_name(name, target)
+        engine_file = engine_name(name, target, version)
         (out / engine_file).write_bytes(bytes(plan))
         cache_path.write_bytes(bytes(config.get_timing_cache().serialize()))
         graphs[name] = g.model_copy(update={"file": engine_file})
     return BuildInfo(target=target.name, backend="tensorrt", precision=precision, engine_built=True,
-                     sm=target.sm, tensorrt_version=trt.__version__, graphs=graphs,
-                     plugins=[{"op": c.op_type, "plugin": c.trt_plugin} for c in manifest.custom_ops],
-                     extra={"dla_core": dla_core, "dla_gpu_fallback_layers": fallbacks})
+                     sm=target.sm, tensorrt_version=version, graphs=graphs, plugins=routing.record(),
+                     extra={"dla_core": dla_core, "dla_gpu_fallback_layers": fallbacks,
+                            "compat": prepared.compat.to_dict(), "plugin_notes": routing.notes,
+                            "graphs_parsed": "graphs/", "quantization": prepared.quantization})
+
+
+def _effx_plugins_already_registered() -> bool:
+    if "tensorrt.plugin" not in sys.modules:
+        return False
+    return bool(registered_plugins(sys.modules["tensorrt.plugin"]))
 
 
 def _graph_precision_with_modelopt(src: Path, manifest: Manifest, precision: str, out: Path,
                                    say: Callable[[str], None]) -> Path:
-    """TensorRT 11 is strongly typed: run ModelOpt on copies of the graphs (calibrating on random tokens)."""
+    """TensorRT 11 is strongly typed: ModelOpt writes the precision into copies of the graphs (AutoCast for
+    fp16/bf16; Q/DQ for int8/fp8/int4w, calibrated on every graph input of real feeds)."""
     lazy_import("modelopt.onnx", extra="tensorrt", purpose=f"{precision} graphs for TensorRT 11 (nvidia-modelopt[onnx])")
-    work = out / "modelopt"
-    work.mkdir()
-    np.savez(work / "calib.npz", input_ids=np.concatenate(token_batches(manifest, "random", 8)))
-    for g in manifest.graphs.values():
-        shutil.copyfile(src / g.file, work / g.file)
+    out.mkdir(parents=True, exist_ok=True)
+    calib_files: dict[str, Path] = {}
+    if precision in QUANTIZED:
+        batches = token_batches(manifest, "random", 8)
+        with OrtRunner(src, manifest) as fp32:
+            feeds = calibration_feeds(manifest, batches, fp32)
+        calib_files = {name: out / write_calibration(out / f"calib.{name}.npz", f) for name, f in feeds.items()}
+    for name, g in manifest.graphs.items():
+        if (src / g.file).resolve() != (out / g.file).resolve():
+            shutil.copyfile(src / g.file, out / g.file)
         say(f"ModelOpt {precision}: {g.file}")
-        cmd = modelopt_command(g.file, precision)
-        proc = subprocess.run([sys.executable, *cmd[1:]], cwd=work, capture_output=True, text=True)
-        if proc.returncode != 0:
-            lines = (proc.stderr or proc.stdout).strip().splitlines()
-            raise StepFailed(f"NVIDIA ModelOpt ({' '.join(cmd[1:4])}) failed on {g.file} with exit code "
-                             f"{proc.returncode}: {lines[-1] if lines else 'no output'}")
-    return work
+        run_modelopt(out / g.file, precision, calib_files.get(name))
+    return out
