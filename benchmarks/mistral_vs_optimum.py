@@ -138,9 +138,9 @@ def main() -> None:
         )
         e_tokens, e_bytes, e_times = effx_decode(work / "effx-cpu", ids, args.context, args.steps, args.threads)
         o_tokens, o_bytes, o_times = optimum_decode(work / "optimum", ids, args.context, args.steps, args.threads)
-    row = lambda tokens, nbytes, times: {
+    row = lambda tokens, nbytes, times: {  # noqa: E731
         "cache_bytes": nbytes,
-        "decode_tokens_per_s": len(times) / sum(times),  # noqa: E731
+        "decode_tokens_per_s": len(times) / sum(times),
         "step_p50_ms": float(np.percentile(times, 50) * 1e3),
     }
     results = {

@@ -18,11 +18,12 @@ from typing import Any, Optional
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
 
 from effx.check.report import ValidationReport, latency_table, rich_table
 from effx.check.tables import compatibility_table, kinds_table, layouts_table, targets_rich_table
 from effx.core.atomic import atomic_write_text, check_output_dir
-from effx.core.errors import EffxError, OutputPathError, SpecError
+from effx.core.errors import EffxError, OutputPathError, SpecError, ValidationFailed
 from effx.core.options import BuildOptions, ExportOptions
 from effx.core.spec import RunSpec, describe
 from effx.core.spec_toml import spec_to_commented_toml
@@ -145,6 +146,56 @@ def import_(
                    "(effx validate shows the drift from the original)")
 
 
+# ------------------------------------------------------------------------------------------------- adapt
+@app.command()
+@spec_flags
+def adapt(
+    model_dir: str = typer.Option(..., "--model", help="hf:PATH (with --attention KIND) or an effx model folder imported with a swapped attention"),
+    text: list[Path] = typer.Option([], "--text", help="plain text file to adapt on (repeatable); the end is held out"),  # noqa: B008
+    output: Path = typer.Option(..., "-o", "--output", help="adapted model/ folder (written atomically)"),
+    seq: int = typer.Option(128, "--seq", help="tokens per training sequence"),
+    batch: int = typer.Option(8, "--batch", help="sequences per step"),
+    steps: int = typer.Option(200, "--steps", help="training steps of each stage (stage 2: see --lora-steps)"),
+    lr: float = typer.Option(1e-4, "--lr", help="stage 1 learning rate (AdamW)"),
+    lora_rank: Optional[int] = typer.Option(None, "--lora-rank", help="stage 2 LoRA rank on q/k/v/o (default: 8 where stage 1 has nothing to train, else 0 = off)"),  # noqa: UP045
+    lora_steps: Optional[int] = typer.Option(None, "--lora-steps", help="stage 2 steps (default --steps)"),  # noqa: UP045
+    lora_lr: float = typer.Option(1e-3, "--lora-lr", help="stage 2 learning rate (AdamW)"),
+    seed: int = typer.Option(0, "--seed", help="batches and LoRA initialisation (same seed, same weights)"),
+    init: str = typer.Option("pool", "--init", help="stage 1 start: pool (Linformer E/F as average pooling) or import"),
+    held_out: float = typer.Option(0.1, "--held-out", help="share of the text held out for the metrics"),
+    checkpoint_every: int = typer.Option(50, "--checkpoint-every", help="steps between checkpoints (OUT.checkpoint)"),
+    minutes: Optional[float] = typer.Option(None, "--minutes", help="stop training after this long (steps done are recorded)"),  # noqa: UP045
+    resume: bool = typer.Option(False, "--resume", help="continue an interrupted run, or an earlier output with more steps"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace an earlier `effx adapt` output"),
+    plots: bool = typer.Option(True, "--plots/--no-plots", help="write loss.png (needs effx[plot])"),
+    overrides: dict | None = None,
+) -> None:
+    """Swap a pretrained model's attention and train what the swap adds (and LoRA) to keep its quality."""
+    check_output_dir(output, "adapt", overwrite, resumable=resume)
+    from effx.models import adapt as adaptation
+
+    console = _console(stderr=True)
+    with Progress(SpinnerColumn(), TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), transient=True, console=console, disable=not console.is_terminal) as bar:
+        task = bar.add_task("adapt", total=None)
+        try:
+            result = adaptation.adapt(
+                model_dir, output, texts=text, overrides=overrides or {}, seq=seq, batch=batch, steps=steps, lr=lr,
+                lora_rank=lora_rank, lora_steps=lora_steps, lora_lr=lora_lr, seed=seed, init=init, held_out=held_out,
+                checkpoint_every=checkpoint_every, minutes=minutes, resume=resume, overwrite=overwrite, plots=plots,
+                progress=lambda msg: bar.update(task, description=f"adapt: {msg}"),
+                on_step=lambda stage, done, total, loss: bar.update(
+                    task, description=f"{stage}: loss {loss:.4g}", completed=done, total=total))
+        except adaptation.Interrupted as stop:
+            bar.stop()
+            typer.echo(f"effx: interrupted in {stop.stage} at step {stop.step}; checkpoint in {stop.checkpoint} "
+                       f"(no {output} written); rerun the same command with --resume to continue", err=True)
+            sys.exit(130)
+    if result.resumed_from:
+        typer.echo(f"resumed from {result.resumed_from}")
+    typer.echo(result.summary())
+
+
 # ------------------------------------------------------------------------------------------------ export
 @app.command()
 @spec_flags
@@ -210,12 +261,44 @@ def build(
         typer.echo(f"wrote a device build kit -> {output}; on the device run: bash {output / 'build_on_device.sh'}")
 
 
+@app.command()
+def check(
+    folder: Path = typer.Argument(..., help="folder with manifest.json: an `effx export` output or a build/kit"),
+    target: str = typer.Option(..., "-t", "--target", help="TensorRT target (see `effx targets`)"),
+    tensorrt: Optional[str] = typer.Option(None, "--tensorrt", help="TensorRT version to hold the graphs against (default: the target's)"),  # noqa: UP045
+    as_exported: bool = typer.Option(False, "--as-exported", help="check the graphs as they are, not as `effx build` lowers them"),
+    as_json: bool = typer.Option(False, "--json", help="machine-readable output"),
+) -> None:
+    """Static check: would the target's TensorRT parse every node (subgraphs and inlined effx bodies too)?
+    Exit 1 when a finding blocks the build."""
+    from effx.targets import compat
+
+    report = compat.check_folder(folder, target, tensorrt_version=tensorrt, lowered=not as_exported)
+    if as_json:
+        typer.echo(json.dumps(report.to_dict(), indent=2))
+    else:
+        console = _console()
+        for note in report.lowering:
+            console.print(f"lowered: {note}", markup=False, highlight=False)
+        if report.findings:
+            table = Table(title=f"effx check {folder} --target {report.target}")
+            for col in ("graph", "node", "op", "kind", "finding", "fix"):
+                table.add_column(col, overflow="fold")
+            for f in report.findings:
+                table.add_row(f.graph, f.node, f.op, f.kind if f.blocking else f"{f.kind} (note)", f.message, f.fix)
+            console.print(table)
+        console.print(report.summary(), markup=False, highlight=False)
+        console.print(f"facts: {report.source}", markup=False, highlight=False)
+    if not report.ok:
+        sys.exit(1)  # findings are not an error of the command: the table said what and where
+
+
 # ---------------------------------------------------------------------------------------------- validate
 @app.command()
 def validate(
     artifact: Optional[Path] = typer.Argument(None, help="build folder (or onnx/ folder) to check", show_default=False),  # noqa: UP045
     against: str = typer.Option("torch", "--against", help="reference to compare with (the PyTorch model)"),
-    inputs: str = typer.Option("random", "--inputs", help="random | FILE.npz with input_ids (and attention_mask)"),
+    inputs: str = typer.Option("random", "--inputs", help="random | text:FILE (real text, the model's tokenizer) | FILE.npz with input_ids (and attention_mask)"),
     seq: str = typer.Option("16", "--seq", help="sequence lengths, comma-separated (random inputs)"),
     batch: str = typer.Option("2", "--batch", help="batch sizes, comma-separated (random inputs)"),
     steps: int = typer.Option(8, "--steps", min=1, help="decoders: greedy tokens to generate and compare"),
@@ -278,21 +361,29 @@ def bench(
     output: Path = typer.Option(Path("effx-bench"), "-o", "--output", help="folder for bench.json and plots"),
     fresh: bool = typer.Option(False, "--fresh", help="start over instead of resuming bench.json"),
     plots: bool = typer.Option(True, "--plots/--no-plots", help="write log-log PNG plots (needs effx[plot])"),
+    ray: Optional[str] = typer.Option(None, "--ray", help="run each cell on a Ray node offering the target: auto | HEAD:6379"),  # noqa: UP045
 ) -> None:
     """Sweep attention kinds x sequence lengths on a target: latency, peak memory, ratios against full."""
     from effx.check import bench as sweep
 
     kinds = [k.strip() for k in attention.split(",") if k.strip()]
     console = _console(stderr=True)
-    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  transient=True, console=console, disable=not console.is_terminal) as bar:
-        task = bar.add_task("bench")
-        results = sweep.bench(kinds, parse_int_list(seq, "--seq"), batches=parse_int_list(batch, "--batch"),
-                              target=target, precision=precision, d_model=d_model, heads=heads, layers=layers,
-                              params=sweep.parse_params(param), output=output, mem_limit_mb=mem_limit_mb,
-                              warmup=warmup, iters=iters, threads=threads, fresh=fresh, plots=plots,
-                              progress=lambda msg: bar.update(task, description=f"bench: {msg}"),
-                              on_cell=lambda done, total: bar.update(task, completed=done, total=total))
+    with contextlib.ExitStack() as stack:
+        runner = None
+        if ray is not None:
+            from effx import matrix as grid
+
+            runner = stack.enter_context(grid.ray_bench_runner(ray, target))
+        with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                      transient=True, console=console, disable=not console.is_terminal) as bar:
+            task = bar.add_task("bench")
+            results = sweep.bench(kinds, parse_int_list(seq, "--seq"), batches=parse_int_list(batch, "--batch"),
+                                  target=target, precision=precision, d_model=d_model, heads=heads, layers=layers,
+                                  params=sweep.parse_params(param), output=output, mem_limit_mb=mem_limit_mb,
+                                  warmup=warmup, iters=iters, threads=threads, fresh=fresh, plots=plots,
+                                  progress=lambda msg: bar.update(task, description=f"bench: {msg}"),
+                                  on_cell=lambda done, total: bar.update(task, completed=done, total=total),
+                                  cell_runner=runner)
     typer.echo("latency p50, peak memory growth (speed-up / memory saving against full)")
     typer.echo(sweep.table_markdown(results))
     typer.echo(f"wrote {output / 'bench.json'}" + "".join(f", {output / p}" for p in results.get("plots", [])))
@@ -315,6 +406,98 @@ def bundle(
     check_output_dir(output, "bundle", overwrite)
     names = bundles.write_triton_repo(build_dir, output, name=name, overwrite=overwrite)
     typer.echo(f"wrote {output}: " + ", ".join(f"{n}/config.pbtxt" for n in names))
+
+
+# ------------------------------------------------------------------------------------------ matrix/worker
+@app.command()
+@spec_flags
+@stage_flags(ExportOptions)
+def matrix(
+    spec_file: Optional[Path] = SpecArg,  # noqa: UP045 - typer reads this annotation at runtime
+    targets: str = typer.Option("cpu", "--targets", help="targets, comma-separated (see `effx targets`)"),
+    precisions: str = typer.Option("fp32", "--precisions", help="precisions, comma-separated"),
+    model_dir: Optional[str] = typer.Option(None, "--model", help="a model/ folder or hf:PATH instead of a seeded init"),  # noqa: UP045
+    param: list[str] = typer.Option([], "--param", help="KIND.FIELD=VALUE for one of the --attention kinds, e.g. linformer.k=64 (repeatable)"),  # noqa: B008
+    calib: str = typer.Option("random", "--calib", help="int8 calibration: random | dynamic (ORT) | FILE.npz | token file"),
+    calib_samples: int = typer.Option(8, "--calib-samples", min=1, help="calibration batches"),
+    batch: int = typer.Option(2, "--batch", min=1, help="batch of the checks"),
+    seq: int = typer.Option(16, "--seq", min=1, help="sequence length of the checks"),
+    warmup: int = typer.Option(1, "--warmup", min=0, help="latency: untimed runs per cell"),
+    iters: int = typer.Option(5, "--iters", min=1, help="latency: timed runs per cell"),
+    threads: int = typer.Option(0, "--threads", min=0, help="PyTorch threads in a cell (0: the default)"),
+    ray: Optional[str] = typer.Option(None, "--ray", help="run the cells on a Ray cluster: auto | HEAD:6379"),  # noqa: UP045
+    jobs: int = typer.Option(1, "--jobs", min=1, help="cells at a time on this machine (without --ray)"),
+    retries: int = typer.Option(2, "--retries", min=0, help="Ray: reruns of a cell whose worker died"),
+    output: Path = typer.Option(..., "-o", "--output", help="output folder; a rerun skips finished cells"),
+    fresh: bool = typer.Option(False, "--fresh", help="start over instead of resuming an earlier matrix there"),
+    plots: bool = typer.Option(True, "--plots/--no-plots", help="write matrix.png and per-cell report plots"),
+    export_options: ExportOptions | None = None,
+    overrides: dict | None = None,
+) -> None:
+    """Attention kinds x targets x precisions: export once per kind, build + validate every cell (locally or on Ray)."""
+    overrides = dict(overrides or {})
+    kinds_text = overrides.pop("attention.kind", None)  # a comma-separated list here: one model variant per kind
+    if model_dir is not None and str(model_dir).startswith("hf:") and spec_file is not None:
+        raise SpecError("--model hf:PATH takes its architecture from config.json; drop the spec file")
+    if model_dir is not None and not str(model_dir).startswith("hf:") and (spec_file is not None or overrides):
+        raise SpecError("--model loads a saved spec with its weights; drop the spec file and spec flags")
+    spec = resolve_spec(spec_file, overrides) if model_dir is None else None
+    from effx import matrix as grid
+    from effx.check.bench import parse_params
+
+    if kinds_text is None:
+        kinds = [spec.attention_summary()] if spec is not None else [grid.model_from(model_dir).spec.attention_summary()]
+    else:
+        kinds = [k.strip() for k in kinds_text.split(",") if k.strip()]
+    with _progress("matrix") as say:
+        summary = grid.matrix(kinds, [t.strip() for t in targets.split(",") if t.strip()],
+                              [p.strip() for p in precisions.split(",") if p.strip()], output, spec=spec,
+                              overrides=overrides, params=parse_params(param), model_source=model_dir,
+                              export=export_options, calib=calib, calib_samples=calib_samples, batch=batch, seq=seq,
+                              warmup=warmup, iters=iters, threads=threads, plots=plots, ray=ray, jobs=jobs,
+                              retries=retries, fresh=fresh, progress=say)
+    table = Table(title=f"effx matrix -> {output}")
+    for header in grid.HEADERS[:-1]:  # reasons are long: one line each below the table, not a wrapped column
+        table.add_column(header, no_wrap=header in ("attention", "target", "precision", "verdict"))
+    for row in grid.rows(summary):
+        table.add_row(*row[:-1])
+    console = _console()
+    console.print(table)
+    for cell, row in zip(summary["cells"], grid.rows(summary), strict=True):
+        if row[-1]:
+            console.print(f"{cell['cell']}: {row[-1]}", markup=False, highlight=False, soft_wrap=True)
+    typer.echo(f"wrote {output / 'matrix.json'}, {output / 'matrix.md'}"
+               + "".join(f", {output / p}" for p in summary["plots"]) + f"; cells in {output / 'cells'}")
+    bad = [c for c in summary["cells"] if c["status"] in ("FAIL", "ERROR")]
+    if bad:
+        raise ValidationFailed(f"{len(bad)} of {len(summary['cells'])} cells failed, first {bad[0]['cell']}: "
+                               f"{bad[0]['status']} ({bad[0]['reason']}); see {output / 'matrix.md'}")
+
+
+@app.command()
+def worker(
+    address: Optional[str] = typer.Option(None, "--address", help="HEAD:6379 of the Ray cluster to join"),  # noqa: UP045
+    head: bool = typer.Option(False, "--head", help="start a new cluster's head node here instead"),
+    targets: Optional[str] = typer.Option(None, "--targets", help="targets this node offers (default: what it can build)"),  # noqa: UP045
+    slots: int = typer.Option(1, "--slots", min=1, help="cells this node runs at a time, per target"),
+    num_cpus: Optional[int] = typer.Option(None, "--num-cpus", min=1, help="CPUs this node gives Ray (default: all)"),  # noqa: UP045
+    dry_run: bool = typer.Option(False, "--dry-run", help="print what this node would offer and the `ray start` command"),
+) -> None:
+    """Join a Ray cluster as an `effx matrix` node offering the targets it can build (`ray start --resources`)."""
+    if head == (address is not None):
+        raise SpecError("effx worker needs exactly one of --address HEAD:6379 (join) or --head (start a cluster)")
+    from effx import matrix as grid
+
+    can = grid.buildable_targets()
+    chosen = [t.strip() for t in targets.split(",") if t.strip()] if targets else [t for t, why in can.items() if why is None]
+    for name in chosen:
+        why = can.get(get_target(name).name)
+        if why is not None:
+            typer.echo(f"note: {name}: {why}; its cells here become device build kits", err=True)
+    cmd = grid.start_worker(None if head else address, chosen, slots=slots, num_cpus=num_cpus, dry_run=dry_run)
+    shown = " ".join(("'" + c + "'") if "{" in c else c for c in cmd)
+    typer.echo(f"{'would run' if dry_run else 'ran'}: {shown}")
+    typer.echo(f"this node offers: {', '.join(grid.resource_name(t) + '=' + str(slots) for t in chosen)}")
 
 
 def _load_or_build(spec_file: Path | None, model_dir: Path | str | None, overrides: dict):

@@ -22,7 +22,7 @@ LAYERS = [
     ("exporter", ("effx.exporter",)),
     ("targets", ("effx.targets",)),
     ("check", ("effx.check",)),
-    ("pipeline/cli", ("effx.pipeline", "effx.cli", "effx.__main__")),
+    ("pipeline/cli", ("effx.pipeline", "effx.cli", "effx.__main__", "effx.matrix")),
 ]
 # effx modules imported inside a function: only the CLI's API (so `effx --help` does not load torch)
 LOCAL_EFFX_IMPORTS_MAX = 15
