@@ -67,7 +67,8 @@ def export_model(
             custom_ops=[] if inline else [CustomOp(domain=DOMAIN, op_type=op, version=1, count=n,
                                                    trt_plugin=f"{DOMAIN}::{op}") for op, n in sorted(counts.items())],
             graphs=graphs, kv_cache=cache_plan(model),
-            weights={"sha256": weights_digest(model), "parameters": sum(p.numel() for p in model.parameters())},
+            weights={"sha256": weights_digest(model), "parameters": sum(p.numel() for p in model.parameters())}
+            | ({"origin": model.origin} if getattr(model, "origin", None) else {}),  # an HF import: its folder
         )
         manifest.hash_files(tmp)
         manifest.write(tmp)

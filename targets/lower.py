@@ -178,19 +178,24 @@ def _decompose_attention(node: onnx.NodeProto, types: dict, graph: onnx.GraphPro
         scale_t = op("Reciprocal", [op("Sqrt", [fdim], "sqrt_head_dim")], "scale")
     q_scaled = op("Mul", [q, scale_t], "q_scaled")  # scale Q before BMM1: TensorRT's MHA fusion needs it there
     hq, hkv = qd[1], kd[1]
-    if hq is not None and hkv is not None and hq != hkv:  # grouped KV heads: repeat each KV head hq/hkv times
-        group = hq // hkv
+    if hq is None or hkv is None or hq != hkv:
+        # grouped KV heads (ONNX Attention takes fewer K/V heads than Q heads): repeat each KV head hq/hkv times.
+        # Head counts that shape inference could not pin down are read at run time (a group of 1 is a no-op).
         axes = const("axis2", np.array([2], dtype=np.int64))
-        heads = const("q_heads", np.array([hq], dtype=np.int64))
+        qs = op("Shape", [q], "q_shape")
+        q_heads = op("Slice", [qs, const("q_h1", np.array([1], np.int64)), const("q_h2", np.array([2], np.int64))],
+                     "q_heads")
 
         def repeat(x: str, label: str) -> str:
             xs = op("Shape", [x], f"{label}_shape")
             b_h = op("Slice", [xs, const(f"{label}_s0", np.array([0], np.int64)), const(f"{label}_s2", np.array([2], np.int64))], f"{label}_bh")
             s_d = op("Slice", [xs, const(f"{label}_t2", np.array([2], np.int64)), const(f"{label}_t4", np.array([4], np.int64))], f"{label}_sd")
-            full = op("Concat", [b_h, const(f"{label}_g", np.array([group], np.int64)), s_d], f"{label}_full", axis=0)
+            kv_heads = op("Slice", [xs, const(f"{label}_h1", np.array([1], np.int64)), const(f"{label}_h2", np.array([2], np.int64))], f"{label}_heads")
+            group = op("Div", [q_heads, kv_heads], f"{label}_group")
+            full = op("Concat", [b_h, group, s_d], f"{label}_full", axis=0)
             grown = op("Expand", [op("Unsqueeze", [x, axes], f"{label}_u"), full], f"{label}_grown")
             batch = op("Slice", [xs, const(f"{label}_b0", np.array([0], np.int64)), const(f"{label}_b1", np.array([1], np.int64))], f"{label}_b")
-            shape = op("Concat", [batch, heads, s_d], f"{label}_rep_shape", axis=0)  # (B, hq, S, D)
+            shape = op("Concat", [batch, q_heads, s_d], f"{label}_rep_shape", axis=0)  # (B, hq, S, D)
             return op("Reshape", [grown, shape], f"{label}_rep")
 
         k, v = repeat(k, "k"), repeat(v, "v")

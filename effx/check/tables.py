@@ -65,6 +65,8 @@ def _cell(row: dict[str, Any], col: str) -> str:
     value = row[col]
     if col == "name" and row["aliases"]:
         value = f"{value} ({', '.join(row['aliases'])})"
+    if col == "name" and row.get("unsupported"):  # refused before any work; `effx build` says why
+        value = f"{value} (unsupported)"
     if col == "sm" and value is not None:
         value = f"sm_{value}"
     text = ", ".join(map(str, value)) if isinstance(value, (list, tuple)) else ("-" if value is None else str(value))

@@ -15,15 +15,7 @@ from tests.cli.test_cli import run_cli
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
 
-from tests.models.test_adapt import write_bert, write_corpus  # noqa: E402 - after the importorskips
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+from tests.models.test_adapt import one_thread, write_bert, write_corpus  # noqa: E402, F401 - after the importorskips
 
 
 @pytest.fixture(scope="module")

@@ -9,31 +9,19 @@ import json
 import os
 import shutil
 import signal
-import sys
 import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from effx.cli import main
+from tests.cli.test_cli import run_cli
 
 ray = pytest.importorskip("ray", reason="ray is not installed: pip install 'effx[cluster]' (the dev extra has it)")
 
 TINY = ["--n-layers", "1", "--d-model", "32", "--n-heads", "2", "--max-seq-len", "32"]
 FAST = ["--seq", "16", "--iters", "2", "--warmup", "1", "--threads", "1"]
 COMPARED = ("cell", "status", "reason", "max_abs", "cosine")  # verdicts and errors; latencies differ by nature
-
-
-def run_cli(args, capsys, monkeypatch):
-    monkeypatch.setattr(sys, "argv", ["effx", *args])
-    code = 0
-    try:
-        main()
-    except SystemExit as exc:
-        code = exc.code or 0
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 @pytest.fixture(scope="module")

@@ -212,11 +212,13 @@ def test_a_failing_modelopt_step_is_one_line_exit_1(tmp_path, monkeypatch):
     src = tmp_path / "onnx"
     manifest = export_model(build_model(RunSpec.parse({"model": {"n_layers": 1, "max_seq_len": 16}})), src)
     (tmp_path / "out").mkdir()
-    with pytest.raises(StepFailed, match="exit code 3: calibration data has no attention_mask") as info:
-        _graph_precision_with_modelopt(src, manifest, "int8", tmp_path / "out", lambda _m: None)
+    try:
+        with pytest.raises(StepFailed, match="exit code 3: calibration data has no attention_mask") as info:
+            _graph_precision_with_modelopt(src, manifest, "int8", tmp_path / "out", lambda _m: None)
+    finally:  # the fake must not outlive the test (monkeypatch.delitem would put it back at teardown)
+        for m in [m for m in sys.modules if m.startswith("modelopt")]:
+            del sys.modules[m]
     assert info.value.exit_code == 1 and "\n" not in str(info.value)
-    for m in [m for m in sys.modules if m.startswith("modelopt")]:
-        monkeypatch.delitem(sys.modules, m)
 
 
 # -- defaults compose; run takes every stage option --------------------------------------------------------
