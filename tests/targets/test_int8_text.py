@@ -183,14 +183,21 @@ def test_bad_text_inputs_are_one_line(bert_run, tmp_path, capsys, monkeypatch):
     code, _, err = run_cli(["validate", str(root / "onnx"), "--inputs", "text:/no/such.txt", "-o", str(tmp_path / "v")],
                            capsys, monkeypatch)
     assert code == 2 and err.strip().count("\n") == 0 and "--inputs text:/no/such.txt: no such file" in err
-    # the model came from an HF folder whose tokenizer is gone: say so, do not fall back to bytes silently
-    run = tmp_path / "run"
-    (run / "model").mkdir(parents=True)
-    (run / "model" / "origin.json").write_text(json.dumps({"hf": str(tmp_path / "gone")}))
+    # the model came from an HF folder whose tokenizer is gone: say so, do not fall back to bytes silently;
+    # the folder is found in the export's manifest, or in the origin.json of an `effx run` output's model/
     text = tmp_path / "t.txt"
     text.write_text("some text")
+    manifest = Manifest.read(root / "onnx")
+    gone = {"hf": str(tmp_path / "gone")}
+    recorded = manifest.model_copy(update={"weights": {**manifest.weights, "origin": gone}})
     with pytest.raises(SpecError, match="whose tokenizer is not there"):
-        token_batches(Manifest.read(root / "onnx"), f"text:{text}", 1, folder=run / "onnx")
+        token_batches(recorded, f"text:{text}", 1)
+    run = tmp_path / "run"
+    (run / "model").mkdir(parents=True)
+    (run / "model" / "origin.json").write_text(json.dumps(gone))
+    unrecorded = manifest.model_copy(update={"weights": {k: v for k, v in manifest.weights.items() if k != "origin"}})
+    with pytest.raises(SpecError, match="whose tokenizer is not there"):
+        token_batches(unrecorded, f"text:{text}", 1, folder=run / "onnx")
 
 
 def test_bench_cell_reports_memory_with_and_without_the_arena(bert_run, tmp_path):
