@@ -254,3 +254,23 @@ def test_import_records_the_native_attention_so_validate_shows_no_drift(checkpoi
     swapped = import_hf(checkpoints["mistral"][0], {"attention.kind": "full"})
     assert swapped.origin["attention"] == "local" and swapped.spec.attention_summary() == "full"
     assert Path(swapped.origin["hf"]).is_dir()
+
+
+@pytest.mark.parametrize("family", ["qwen2", "qwen3"])
+def test_configs_without_layer_types_take_the_schedule_from_max_window_layers(family, checkpoints, tmp_path):
+    """Configs written before transformers derived `layer_types` (and hand-written ones) carry only
+    use_sliding_window + max_window_layers: layer i slides when i >= max_window_layers, as transformers reads it."""
+    folder, hf = checkpoints[family]
+    old = tmp_path / family
+    shutil.copytree(folder, old)
+    config = json.loads((old / "config.json").read_text())
+    config.pop("layer_types", None)
+    (old / "config.json").write_text(json.dumps(config))
+    model = import_hf(old)
+    first = hf.config.max_window_layers
+    expected = ["full" if i < first else "local" for i in range(hf.config.num_hidden_layers)]
+    assert [layer.attention.kind for layer in model.spec.resolved_layers()] == expected
+    assert model.spec.attention_summary() == FAMILIES[family][3]
+    ids = _ids()
+    with torch.no_grad():
+        assert (model(ids) - hf(ids).logits).abs().max() <= 1e-4
