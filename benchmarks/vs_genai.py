@@ -47,6 +47,8 @@ from pathlib import Path
 
 import numpy as np
 
+from effx.check.measure import cpu_name
+
 RESULTS = Path(__file__).parent / "results"
 GENAI_PIP = ("python -m venv /tmp/genaivenv && /tmp/genaivenv/bin/pip install onnxruntime-genai==0.18.0 onnx-ir "
              "transformers torch==2.13.0")
@@ -101,16 +103,6 @@ def _busy(exclude: int) -> list[str]:
     rows = [line.split(None, 2) for line in out]
     return [f"{r[1]}% {r[2][:100]}" for r in rows
             if len(r) == 3 and int(r[0]) != exclude and ("python" in r[2] or r[2].startswith("ray::"))][:8]
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def genai_missing(python: str) -> str | None:
@@ -502,7 +494,7 @@ def main() -> None:
                                                         "inter_op_num_threads": 1},
                   "past_present_share_buffer": True, "build_s": round(build_s["genai"], 1)},
         "environment": {
-            "cpu": _cpu_name(), "cpu_count": os.cpu_count(), "threads": args.threads,
+            "cpu": cpu_name(), "cpu_count": os.cpu_count(), "threads": args.threads,
             "python": platform.python_version(), "onnxruntime": ort.__version__, "onnx": onnx.__version__,
             "torch": torch.__version__, "transformers": transformers.__version__,
             "genai_venv_onnxruntime": subprocess.run(

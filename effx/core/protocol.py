@@ -64,10 +64,12 @@ class DecodeDriver:
         self.block_table = block_table
         if self.plan.paged and block_table is None:
             self.block_table = block_table_for(self.plan, batch, total)
-        windows = {f"ring_{layer.index}": int(layer.params["window"]) for layer in self.plan.layers if layer.layout == "ring"}
-        self.sizes = {"batch": batch, "capacity": total} | {k: w + chunk - 1 for k, w in windows.items()}
+        # each ring layer's buffer dim and its window
+        self.windows = {f"ring_{layer.index}": int(layer.params["window"]) for layer in self.plan.layers
+                        if layer.layout == "ring"}
+        self.sizes = {"batch": batch, "capacity": total} | {k: w + chunk - 1 for k, w in self.windows.items()}
         # the longest step the ring buffers take: write-before-attend overwrites slots older than every window
-        self.max_step = min((self.sizes[k] - w + 1 for k, w in windows.items()), default=None)
+        self.max_step = min((self.sizes[k] - w + 1 for k, w in self.windows.items()), default=None)
         # the buffers the prefill graph takes (the host owns them)
         prefill_inputs = {t.name for t in manifest.graphs["prefill"].inputs}
         self._host = [t for t in self.plan.tensors if t.input in prefill_inputs]
@@ -84,8 +86,7 @@ class DecodeDriver:
         """Resize the ring buffers for steps of up to `chunk` tokens (window + chunk - 1 slots), keeping the
         newest tokens: e.g. fill a long context in large steps, then decode one token at a time in a ring of
         exactly the window."""
-        windows = {f"ring_{layer.index}": int(layer.params["window"]) for layer in self.plan.layers
-                   if layer.layout == "ring"}
+        windows = self.windows
         if not windows:
             return
         old = dict(self.sizes)
