@@ -16,6 +16,7 @@ from effx.check.report import ValidationReport
 from effx.check.validate import ValidateOptions, validate
 from effx.core.atomic import atomic_dir, check_output_dir
 from effx.core.errors import ValidationFailed
+from effx.core.flavours import format_attention_ops
 from effx.core.options import BuildOptions, ExportOptions
 from effx.core.spec import RunSpec
 from effx.core.spec_toml import spec_to_commented_toml
@@ -85,7 +86,10 @@ def run_pipeline(spec: RunSpec, output: str | Path, export: ExportOptions | None
                                   "parameters": sum(p.numel() for p in model.parameters())}
         result.stages["forward"] = forward_check(model, batch, seq, seed=spec.model.seed)
         say("export")
-        manifest = export_model(model, tmp / "onnx", **export.model_dump(), progress=say)
+        # the target's op flavours, measured on its runtime; --attention-ops replaces the sites it names
+        attention_ops = format_attention_ops(profile.attention_ops(export.attention_ops))
+        manifest = export_model(model, tmp / "onnx", **(export.model_dump() | {"attention_ops": attention_ops}),
+                                progress=say)
         result.stages["export"] = {"graphs": ", ".join(g.file for g in manifest.graphs.values()),
                                    "custom_ops": ", ".join(f"{c.count}x {c.op_type}" for c in manifest.custom_ops) or "none"}
         say(f"build {profile.name}")

@@ -28,12 +28,17 @@ _PROTOCOL = {
         "The recurrent state has a fixed size whatever the number of tokens.",
     ],
     "multiscale": [
-        "Allocate every past.{i}.* from the shapes below as zeros (or run prefill.onnx on the prompt).",
-        "Each step: feed present.{i}.* back as past.{i}.*; past_lengths = tokens seen so far.",
-        "Factor-1 layers grow key/value by one row per token; a factor-f level grows its pooled key/value by one row "
-        "per f tokens. The first layer below each shortening by k also carries its tail (the activations since the "
-        "last complete group, fewer than k: start with k - 1 zero rows, the causal shift) and last_out (the level's "
-        "output for the newest group).",
+        "Allocate the key/value buffers of the factor-1 layers as zeros [batch, H_kv, capacity, head_dim], capacity "
+        ">= every token the host will cache; run prefill.onnx on input_ids with them (it makes the other tensors).",
+        "Each step: feed the buffers and the other present.{i}.* as past.{i}.*; past_lengths = tokens already cached "
+        "per sequence. Factor-1 layers write token p to slot p (graph `aliases`: bind past and present to one buffer "
+        "to update it in place, or feed present back).",
+        "A factor-f level grows its pooled key/value by one row per f tokens. The first layer below each shortening "
+        "by k also carries its tail (the activations since the last complete group, fewer than k: k - 1 zero rows "
+        "before the first token, the causal shift) and last_out (the level's output for the newest group).",
+        "A step of one token at a position p with p % first_ratio != 0 completes no group: it may run "
+        "decode_fine.onnx instead, which takes only the factor-1 buffers and the first shortening's tail and "
+        "last_out, and returns the buffers and that tail (every other tensor stays as it is).",
     ],
     "paged": [
         "Allocate past.{i}.key_pool/value_pool once: zeros [num_blocks, block_size, H_kv, head_dim]; they are shared "
@@ -59,7 +64,8 @@ _LAYOUT_NOTE = {
     "ring": "ring layers: C >= window + S - 1 slots (`ring_{i}`, S the longest step after the prompt); token p in "
             "slot p mod C.",
     "state": "state layers: a recurrent state of fixed size.",
-    "multiscale": "multiscale layers: pooled key/value grow by one row per f tokens.",
+    "multiscale": "multiscale layers: factor-1 key/value in buffers of `capacity` slots (token p in slot p); "
+                  "pooled key/value grow by one row per f tokens.",
     "paged": "paged layers: one block table for all of them; before each step make sure block_table[b] maps enough "
              "physical blocks for past_lengths[b] + input length; new_lengths[b] = real new tokens of row b.",
 }
@@ -92,6 +98,8 @@ def cache_plan(model: EffxModel) -> CachePlan | None:
                 shape[0] = "batch"
             if lay in ("contiguous", "ring"):  # the host sizes the buffer: `capacity` or `ring_{i}` slots
                 shape[2] = "capacity" if lay == "contiguous" else f"ring_{i}"
+            if lay == "multiscale" and cache.factors[i] == 1 and name in ("key", "value"):  # contiguous buffers
+                shape[2] = "capacity"
             tensors.append(CacheTensor(input=f"past.{i}.{name}", output=f"present.{i}.{name}", dtype=dtype, shape=shape))
         params = _layer_params(lay, layer.kv_cache, state, model.blocks[i].attn)
         if lay == "multiscale":
@@ -116,6 +124,8 @@ def cache_plan(model: EffxModel) -> CachePlan | None:
         params = spec.kv_cache.model_dump(exclude={"layout", "dtype"})
         if layout == "multiscale":
             params["layer_factors"] = list(cache.factors)
+            if model.hourglass.first_ratio is not None:  # decode_fine's condition
+                params["first_ratio"] = model.hourglass.first_ratio
         if layout == "ring":
             params["window"] = cache.window
         protocol = _PROTOCOL[layout]

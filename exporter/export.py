@@ -13,8 +13,9 @@ import torch
 
 import effx
 from effx.core.atomic import atomic_dir
+from effx.core.flavours import DEFAULT_ATTENTION_OPS, effective_attention_ops, opset_for, resolve_attention_ops
 from effx.core.manifest import CustomOp, DimRange, GraphSpec, Manifest, TensorSpec
-from effx.core.options import DEFAULT_OPSET, check_opset
+from effx.core.options import DEFAULT_OPSET, MAX_OPSET, check_opset
 from effx.exporter import onnx_export as ox
 from effx.exporter.cache_plan import cache_plan
 from effx.exporter.graphs import plan_graphs
@@ -26,13 +27,34 @@ _DTYPES = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "float16
            onnx.TensorProto.INT64: "int64", onnx.TensorProto.INT32: "int32", onnx.TensorProto.BOOL: "bool"}
 
 
+def attention_sites(model: EffxModel) -> set[str]:
+    """The attention sites (effx.core.flavours.SITES) this model's graphs contain."""
+    m = model.spec.model
+    sites = set()
+    for layer in model.spec.resolved_layers():
+        kind = layer.attention.kind
+        if kind == "local":
+            sites |= {"local", "local-step"} if m.family == "decoder" else {"local"}
+        elif kind == "linear":
+            sites |= {"linear"} if m.causal else set()
+        elif kind in ("full", "hierarchical"):  # hourglass levels are full-attention layers
+            sites.add("full")
+    return sites
+
+
 def export_model(
-    model: EffxModel, out_dir: str | Path, opset: int = DEFAULT_OPSET, inline: bool = False,
+    model: EffxModel, out_dir: str | Path, opset: int | None = None, inline: bool = False,
     max_batch: int = 8, overwrite: bool = False, progress: Callable[[str], None] | None = None,
-    trt_plugins: bool = False,
+    trt_plugins: bool = False, attention_ops: str | None = None,
 ) -> Manifest:
     """Export `model` to `out_dir`: model.onnx (encoders, decoders without cache) or prefill.onnx + decode.onnx,
-    and manifest.json. Nothing is left at out_dir if anything fails."""
+    and manifest.json. Nothing is left at out_dir if anything fails. `attention_ops` (`site=flavour,...`) replaces
+    the named sites of the default op flavours, the `cpu` target's measured choice (effx.core.flavours).
+    opset None: DEFAULT_OPSET, or the newest opset a chosen standard op of this model needs (opset_for)."""
+    choice = resolve_attention_ops(DEFAULT_ATTENTION_OPS, attention_ops)
+    if opset is None:
+        opset = opset_for(choice, attention_sites(model), bool(model.spec.model.attn_softcap), trt_plugins,
+                          DEFAULT_OPSET, MAX_OPSET)
     check_opset(opset)
     say = progress or (lambda _msg: None)
     plans = plan_graphs(model.eval(), max_batch=max_batch)
@@ -42,7 +64,7 @@ def export_model(
         for plan in plans:
             say(f"exporting {plan.name}.onnx")
             with custom_attention_ops(trt_plugins):  # plugin graphs keep effx nodes where a standard op exists
-                proto = ox.export_graph(plan, opset)
+                proto = ox.export_graph(plan, opset, choice)
             # ONNX dims carry names, not bounds: record each dimension's range in the graph's metadata too
             for dim, (lo, opt, hi) in sorted(plan.dim_ranges.items()):
                 onnx.helper.set_model_props(proto, {**{p.key: p.value for p in proto.metadata_props},
@@ -67,6 +89,7 @@ def export_model(
             custom_ops=[] if inline else [CustomOp(domain=DOMAIN, op_type=op, version=1, count=n,
                                                    trt_plugin=f"{DOMAIN}::{op}") for op, n in sorted(counts.items())],
             graphs=graphs, kv_cache=cache_plan(model),
+            attention_ops=effective_attention_ops(choice, opset, bool(model.spec.model.attn_softcap), trt_plugins),
             weights={"sha256": weights_digest(model), "parameters": sum(p.numel() for p in model.parameters())}
             | ({"origin": model.origin} if getattr(model, "origin", None) else {}),  # an HF import: its folder
         )

@@ -3,10 +3,12 @@
 Encoders: one graph, (input_ids, attention_mask) -> last_hidden_state.
 Decoders: a prefill graph (a prompt on an empty cache) and a decode-step graph (new tokens against the
 cache), both returning logits and the cache after the step as `present.{i}.{name}`; the decode graph takes
-the cache as `past.{i}.{name}`. Both are the model's own `step_tensors`, so they are the reference math.
-The buffers of contiguous, ring and paged layers belong to the host (HOST_BUFFERS): the prefill takes them
-too, and both graphs write new keys/values into them with one ScatterND each, so a runtime can update them in
-place (the manifest's `aliases`).
+the cache as `past.{i}.{name}`. Both are the model's own `step_tensors`, so they are the reference math. An
+hourglass also exports decode_fine (Hourglass.step_fine): a step of one token that completes no group, taking
+only the factor-1 layers' buffers and the first shortening's tail and last_out.
+The buffers of contiguous, ring and paged layers, and of an hourglass's factor-1 layers (contiguous buffers),
+belong to the host (host_layers): the prefill takes them too, and the graphs write new keys/values into them
+with one ScatterND each, so a runtime can update them in place (the manifest's `aliases`).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import torch
 from torch import Tensor, nn
 from torch.export import Dim
 
-from effx.models.attention import LayerState
+from effx.models.attention import LayerState, StepInputs
 from effx.models.transformer import EffxModel
 
 HOST_BUFFERS = ("contiguous", "ring", "paged")  # layouts whose cache buffers the host allocates and owns
@@ -55,6 +57,18 @@ def layer_layouts(model: EffxModel) -> list[str]:
     return [layer.kv_cache.layout for layer in model.spec.resolved_layers()]
 
 
+def _full_resolution(model: EffxModel, i: int) -> bool:
+    """An hourglass layer at factor 1: its keys/values live in `capacity` slots, as a contiguous layer's."""
+    return getattr(model.blocks[i].attn, "factor", None) == 1
+
+
+def host_layers(model: EffxModel) -> list[bool]:
+    """Per layer, whether the host allocates and owns its cache tensors: contiguous, ring and paged layers, and
+    an hourglass's factor-1 layers (its shortened levels' pooled caches and tails are made in the prefill)."""
+    return [layout in HOST_BUFFERS or (layout == "multiscale" and _full_resolution(model, i))
+            for i, layout in enumerate(layer_layouts(model))]
+
+
 def state_names(model: EffxModel) -> list[list[str]]:
     """Per layer, the names of its cache tensors (the layout fixes them)."""
     cache = model.empty_cache(1)
@@ -78,6 +92,7 @@ class StepGraph(nn.Module):
         super().__init__()
         self.model, self.prefill = model, prefill
         self.layouts = layer_layouts(model)
+        self.host = host_layers(model)
         self.paged = "paged" in self.layouts
         self.names = state_names(model)
 
@@ -93,17 +108,41 @@ class StepGraph(nn.Module):
             new_lengths, block_table = args.pop(0), args.pop(0)
         else:
             new_lengths, block_table = torch.full_like(input_ids[:, 0], seq), None
-        in_graph = self.prefill and not set(self.layouts) <= set(HOST_BUFFERS)
+        in_graph = self.prefill and not all(self.host)
         empty = self.model.empty_cache(1).layers if in_graph else None
         layers = []
         for i, names in enumerate(self.names):
-            if self.prefill and self.layouts[i] not in HOST_BUFFERS:  # an empty state, made in the graph
+            if self.prefill and not self.host[i]:  # an empty state, made in the graph
                 layers.append({k: _like_batch(t, input_ids) for k, t in empty[i].items()})
             else:  # the decode graph's cache, and the host's buffers (the prefill writes into them)
                 layers.append({n: args.pop(0) for n in names})
         logits, new_layers = self.model.step_tensors(input_ids, lengths, new_lengths, layers, block_table,
                                                      fresh=self.prefill)
         return (logits, *[t for layer in new_layers for t in layer.values()])
+
+
+class FineStepGraph(nn.Module):
+    """An hourglass's decode step of one token that completes no group (Hourglass.step_fine): it takes and
+    returns only what such a step reads and writes, the factor-1 layers' buffers and the first shortening's tail
+    (plus its last_out, read only)."""
+
+    def __init__(self, model: EffxModel):
+        super().__init__()
+        self.model = model
+        hourglass = model.hourglass
+        self.fine = hourglass.fine_layers()
+        self.owner = hourglass.owner[0]
+
+    def forward(self, *args: Tensor):
+        input_ids, lengths, *states_ = args
+        layers: dict[int, dict[str, Tensor]] = {i: {"key": states_.pop(0), "value": states_.pop(0)} for i in self.fine}
+        layers[self.owner] = {"tail": states_.pop(0), "last_out": states_.pop(0)}
+        q_pos = lengths[:, None] + torch.arange(input_ids.shape[1], device=input_ids.device)[None, :]  # (B,S)
+        inputs = StepInputs(lengths, q_pos, torch.full_like(lengths, input_ids.shape[1]))
+        x = self.model.embed_tokens(input_ids, q_pos)
+        x, changed = self.model.hourglass.step_fine(self.model.blocks, x, layers, inputs)
+        return (self.model.head(x), *[changed[i][n] for i in self.fine for n in ("key", "value")],
+                changed[self.owner]["tail"])
 
 
 def _like_batch(t: Tensor, input_ids: Tensor) -> Tensor:
@@ -130,8 +169,12 @@ def plan_graphs(model: EffxModel, max_batch: int = 8) -> list[GraphPlan]:
     if spec.kv_cache.layout == "none":
         return [GraphPlan("model", "prefill", _LogitsOnly(model), (ids,), ["input_ids"], ["logits"],
                           ({0: batch, 1: seq},), {"batch": batch_range, "sequence": seq_range})]
-    return [_prefill_plan(model, ids, batch, seq, batch_range, seq_range),
-            _decode_plan(model, ids, batch, seq, batch_range, seq_range)]
+    plans = [_prefill_plan(model, ids, batch, seq, batch_range, seq_range),
+             _decode_plan(model, ids, batch, seq, batch_range, seq_range)]
+    hourglass = getattr(model, "hourglass", None)
+    if hourglass is not None and hourglass.first_ratio is not None:
+        plans.append(_decode_fine_plan(model, ids, batch, batch_range))
+    return plans
 
 
 class _LogitsOnly(nn.Module):
@@ -160,7 +203,7 @@ def buffer_dims(model: EffxModel) -> dict[int, Dim]:
     capacity = Dim("capacity", min=1, max=max_len)
     dims = {}
     for i, layout in enumerate(layer_layouts(model)):
-        if layout == "contiguous":
+        if layout == "contiguous" or (layout == "multiscale" and _full_resolution(model, i)):
             dims[i] = capacity
         elif layout == "ring":
             w = model.blocks[i].attn.window
@@ -173,7 +216,7 @@ def buffer_ranges(model: EffxModel) -> dict[str, tuple[int, int, int]]:
     max_len = model.spec.model.max_seq_len
     ranges = {}
     for i, layout in enumerate(layer_layouts(model)):
-        if layout == "contiguous":
+        if layout == "contiguous" or (layout == "multiscale" and _full_resolution(model, i)):
             ranges["capacity"] = (1, min(128, max_len), max_len)
         elif layout == "ring":
             w = model.blocks[i].attn.window
@@ -182,13 +225,12 @@ def buffer_ranges(model: EffxModel) -> dict[str, tuple[int, int, int]]:
 
 
 def _state_dims(model: EffxModel, batch: Dim) -> list[dict[int, Dim]]:
-    """Dynamic axes of each cache tensor: batch (not for pools), the host buffers' sequence axis, and the
-    lengths that grow per layer: the tokens so far (hourglass layers at factor 1), the pooled tokens of an
-    hourglass level (one Dim per factor: every layer of a level holds as many), the tail of a shortening
-    (0 .. k - 1 activations)."""
+    """Dynamic axes of each cache tensor: batch (not for pools), the host buffers' sequence axis (hourglass
+    layers at factor 1 included), and the lengths that grow per layer: the pooled tokens of an hourglass level
+    (one Dim per factor: every layer of a level holds as many), the tail of a shortening (0 .. k - 1
+    activations)."""
     layouts = layer_layouts(model)
     max_len = model.spec.model.max_seq_len
-    past = Dim("past_sequence", min=0, max=max_len)
     buffers = buffer_dims(model)
     level: dict[int, Dim] = {}
     dims = []
@@ -200,8 +242,6 @@ def _state_dims(model: EffxModel, batch: Dim) -> list[dict[int, Dim]]:
                 dims.append({})
             elif i in buffers:
                 dims.append({0: batch, 2: buffers[i]})
-            elif layout == "multiscale" and name in ("key", "value") and factor == 1:
-                dims.append({0: batch, 2: past})
             elif layout == "multiscale" and name in ("key", "value"):
                 level.setdefault(factor, Dim(f"past_groups_f{factor}", min=0, max=max_len))
                 dims.append({0: batch, 2: level[factor]})
@@ -222,6 +262,7 @@ def _example_cache(model: EffxModel, ids: Tensor):
 
 def _prefill_plan(model, ids, batch, seq, batch_range, seq_range) -> GraphPlan:
     layouts = layer_layouts(model)
+    host = host_layers(model)
     new, _ = example_lengths(model)
     prompt = ids[:, :new]
     args: list[Tensor] = [prompt]
@@ -237,7 +278,7 @@ def _prefill_plan(model, ids, batch, seq, batch_range, seq_range) -> GraphPlan:
     k = 0
     for i, layer in enumerate(empty.layers):  # the host's buffers: the prefill writes into them
         for name, t in layer.items():
-            if layouts[i] in HOST_BUFFERS:
+            if host[i]:
                 args.append(t)
                 names.append(f"past.{i}.{name}")
                 dyn.append(state_dims[k])
@@ -270,3 +311,25 @@ def _decode_plan(model, ids, batch, seq, batch_range, seq_range) -> GraphPlan:
     ranges |= buffer_ranges(model)
     return GraphPlan("decode", "decode", StepGraph(model, prefill=False), tuple(args), names,
                      ["logits", *out_names], tuple(dyn), ranges, varargs=True)
+
+
+def _decode_fine_plan(model, ids, batch, batch_range) -> GraphPlan:
+    """decode_fine: one new token that completes no group, after a prompt that leaves the first shortening's
+    group open (its example must not complete one, or it would trace the general step)."""
+    hourglass = model.hourglass
+    k = hourglass.first_ratio
+    past = EXAMPLE_PAST if EXAMPLE_PAST % k else EXAMPLE_PAST + 1
+    cache = model.empty_cache(ids.shape[0])
+    with torch.no_grad():
+        _, cache = model.step(ids[:, :past], cache)
+    graph = FineStepGraph(model)
+    flat_names = [f"{i}.{n}" for i, layer in enumerate(cache.layers) for n in layer]
+    flat_dims = dict(zip(flat_names, _state_dims(model, batch), strict=True))
+    taken = [(i, n) for i in graph.fine for n in ("key", "value")] + [(graph.owner, "tail"), (graph.owner, "last_out")]
+    args: list[Tensor] = [ids[:, past:past + 1], cache.lengths.clone()]
+    args += [cache.layers[i][n].clone() for i, n in taken]
+    names = ["input_ids", "past_lengths", *[f"past.{i}.{n}" for i, n in taken]]
+    dyn = [{0: batch}, {0: batch}, *[flat_dims[f"{i}.{n}"] for i, n in taken]]
+    outputs = ["logits", *[f"present.{i}.{n}" for i, n in taken[:-1]]]  # last_out is only read
+    ranges = {"batch": batch_range} | buffer_ranges(model)
+    return GraphPlan("decode_fine", "decode", graph, tuple(args), names, outputs, tuple(dyn), ranges, varargs=True)

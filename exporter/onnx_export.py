@@ -7,6 +7,7 @@ import contextlib
 import logging
 import warnings
 from collections import Counter
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -15,16 +16,26 @@ import onnx.inliner
 import torch
 
 from effx.core.errors import EffxError
+from effx.core.flavours import DEFAULT_ATTENTION_OPS, ONNX, resolve_attention_ops
 from effx.core.options import ATTENTION_OPSET
 from effx.exporter.graphs import GraphPlan
-from effx.models.attention import attention_impl_override
+from effx.models.attention import attention_flavours, attention_impl_override, export_opset
 from effx.plugins import OPS
 from effx.plugins.cache_write import TRANSLATIONS as CACHE_WRITES
-from effx.plugins.onnx_body import Body, make_function
+from effx.plugins.linear import TRANSLATIONS as LINEAR_STANDARD
+from effx.plugins.onnx_body import STAGED, STAGING_DOMAIN, Body, make_function
 from effx.plugins.opspec import DOMAIN
+from effx.plugins.standard import TRANSLATIONS as STANDARD_OPS
 from effx.plugins.trt import PLUGIN_SPECS, node_attributes
 
 IR_VERSION = 10  # what torch writes; ONNX Runtime 1.31 reads <= 13
+# the newest opset torch.onnx reaches (its version converter stops at 25; at 26/27 it falls back to onnx's C API,
+# which has no adapters for ops like Gelu and leaves the graph at 18): newer graphs are traced at this opset and
+# raised afterwards (raise_opset)
+TRACE_OPSET = 25
+# ops whose ai.onnx version changed between TRACE_OPSET and a newer opset without changing what the traced
+# graph computes: Range-27 only adds fp16/bf16 and their accumulation type (stash_type)
+UNCHANGED_FOR_TRACED = {"Range"}
 TWO_GB = 2**31
 
 
@@ -34,7 +45,7 @@ class ExportError(EffxError):
 
 def translation_table() -> dict:
 
-    table = dict(CACHE_WRITES)
+    table = dict(CACHE_WRITES) | LINEAR_STANDARD | STANDARD_OPS
     for spec in OPS.values():
         overload = spec.torch_op._opoverload
         table[overload] = spec.translation
@@ -77,16 +88,20 @@ def _head_dim(model: onnx.ModelProto, value: str) -> int:
     raise ExportError(f"cannot find the head dimension of {value} for the plugin placeholder")
 
 
-def export_graph(plan: GraphPlan, opset: int) -> onnx.ModelProto:
+def export_graph(plan: GraphPlan, opset: int, attention_ops: Mapping[str, str] | None = None) -> onnx.ModelProto:
     """Export one graph and attach the effx functions; returns a checked ModelProto."""
     # below opset 23 SDPA would decompose with sqrt-scaled Q and K; the math path scales Q alone
-    impl = None if opset >= ATTENTION_OPSET else "math"
+    # `attention_ops` (effx.core.flavours, complete): the target's op flavour per attention site; full=effx
+    # asks for the same math path
+    choice = resolve_attention_ops(attention_ops or DEFAULT_ATTENTION_OPS)
+    impl = None if opset >= ATTENTION_OPSET and choice["full"] == ONNX else "math"
     # a module taking *args gets its dynamic shapes as one entry for the varargs
     dynamic_shapes = (plan.dynamic_shapes,) if plan.varargs else plan.dynamic_shapes
-    with warnings.catch_warnings(), attention_impl_override(impl), _quiet_exporter():
+    with warnings.catch_warnings(), attention_impl_override(impl), export_opset(opset), \
+            attention_flavours(choice), _quiet_exporter():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
-            plan.module, plan.args, dynamo=True, opset_version=opset, input_names=plan.input_names,
+            plan.module, plan.args, dynamo=True, opset_version=min(opset, TRACE_OPSET), input_names=plan.input_names,
             output_names=plan.output_names, dynamic_shapes=dynamic_shapes,
             custom_translation_table=translation_table(), optimize=False, verbose=False, report=False,
         )
@@ -94,6 +109,7 @@ def export_graph(plan: GraphPlan, opset: int) -> onnx.ModelProto:
     # intermediate shapes carry the exporter's symbolic expressions (Min/Max of floor divisions for pooled
     # caches); ONNX Runtime plans buffer reuse from equal dim names and can trip on them: let it infer its own
     del model.graph.value_info[:]
+    raise_opset(model, opset)
     attach_functions(model, opset)
     model.ir_version = min(model.ir_version, IR_VERSION)
     check_dims(model, plan)
@@ -112,6 +128,29 @@ def _quiet_exporter():
     finally:
         for lg, level in zip(loggers, levels, strict=True):
             lg.setLevel(level)
+
+
+def raise_opset(model: onnx.ModelProto, opset: int) -> None:
+    """Bring a graph traced at TRACE_OPSET to `opset` (no-op at or below it): every traced op must mean the same at
+    `opset`, and the standard ops emitted in the staging domain (newer than the trace) move into ai.onnx."""
+    traced = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+    for node in _all_nodes(model.graph):
+        if node.domain == STAGING_DOMAIN:
+            if opset < STAGED[node.op_type]:
+                raise ExportError(f"{node.op_type} is ai.onnx opset {STAGED[node.op_type]}, the graph's is {opset}: "
+                                  f"the model chose it for a graph it should not have (report this with the spec)")
+            node.domain = ""
+        elif node.domain in ("", "ai.onnx") and opset > traced and node.op_type not in UNCHANGED_FOR_TRACED:
+            old, new = (onnx.defs.get_schema(node.op_type, v).since_version for v in (traced, opset))
+            if old != new:
+                raise ExportError(f"{node.op_type} changed between opset {traced} (what torch.onnx traces) and "
+                                  f"{opset}; export with --opset {traced}")
+    for entry in model.opset_import:
+        if entry.domain in ("", "ai.onnx"):
+            entry.version = max(entry.version, opset)
+    kept = [o for o in model.opset_import if o.domain != STAGING_DOMAIN]
+    del model.opset_import[:]
+    model.opset_import.extend(kept)
 
 
 def attach_functions(model: onnx.ModelProto, opset: int) -> None:

@@ -2,8 +2,8 @@
 
     teacher = the model as loaded (its own attention);  student = the same weights with the new attention kind
 
-Stage 1 (LoLCATs, Zhang et al. 2024, "attention transfer") trains only what the swap adds (Linformer E/F)
-so that every layer's attention output matches the teacher's, both attentions reading the teacher's own
+Stage 1 (LoLCATs, Zhang et al. 2024, "attention transfer") trains only what the swap adds (Linformer E/F,
+Hedgehog's learned feature maps for linear attention, which start as the identity) so that every layer's attention output matches the teacher's, both attentions reading the teacher's own
 input of that layer:
     L1 = 1000 * mean_l mean((attn_l^student(x_l) - attn_l^teacher(x_l))^2),   x_l = teacher's input of layer l
 Linformer's E/F start as average pooling over the training length (the imported random projections mix
@@ -48,7 +48,7 @@ from effx.core.errors import ArtifactError, OutputPathError, SpecError
 from effx.core.lazy import lazy_import
 from effx.models.hf_import import import_hf
 from effx.models.transformer import EffxModel, load_model, save_model
-from effx.plugins.opspec import OPS
+from effx.plugins.opspec import differentiable_ops
 
 COMMAND = "adapt"
 CHECKPOINT_COMMAND = "adapt-checkpoint"
@@ -147,43 +147,6 @@ def pack_text(tokenizer, texts: list[tuple[Path, str]], seq: int, family: str, v
     return TextData(rows[:n_seq - n_held], rows[n_seq - n_held:], files, len(stream))
 
 
-# ------------------------------------------------------------------------------------------- gradients
-_DIFFERENTIABLE: set[str] = set()
-
-
-def differentiable_ops() -> None:
-    """Give every effx attention op a backward: recompute the op's reference math (its spec's `reference`,
-    the same function its CPU implementation runs) under autograd. Inference never needs gradients, so the
-    ops define none; adaptation backpropagates through the student's attention. Idempotent."""
-    for spec in OPS.values():
-        if spec.name in _DIFFERENTIABLE:
-            continue
-        torch.library.register_autograd(spec.torch_op, _recompute_backward(spec.reference),
-                                        setup_context=_keep_inputs)
-        _DIFFERENTIABLE.add(spec.name)
-
-
-def _keep_inputs(ctx, inputs, output) -> None:
-    ctx.op_inputs = inputs  # tensors and attributes as called; the backward recomputes from them
-
-
-def _recompute_backward(reference: Callable[..., Any]):
-    def backward(ctx, *grads):
-        args = [a.detach().requires_grad_(True) if isinstance(a, Tensor) and need and a.is_floating_point() else a
-                for a, need in zip(ctx.op_inputs, ctx.needs_input_grad, strict=False)]
-        args += list(ctx.op_inputs[len(args):])
-        with torch.enable_grad():
-            out = reference(*args)
-        outs = out if isinstance(out, tuple) else (out,)
-        pairs = [(o, g) for o, g in zip(outs, grads, strict=True) if g is not None and o.requires_grad]
-        wrt = [a for a in args if isinstance(a, Tensor) and a.requires_grad]
-        got = iter(torch.autograd.grad([o for o, _ in pairs], wrt, [g for _, g in pairs], allow_unused=True)
-                   if pairs and wrt else [None] * len(wrt))
-        return tuple(next(got) if isinstance(a, Tensor) and a.requires_grad else None for a in args)
-
-    return backward
-
-
 # ---------------------------------------------------------------------------------------------- models
 @dataclass
 class Pair:
@@ -230,7 +193,8 @@ def load_pair(source: str | Path, overrides: dict[str, Any] | None = None) -> Pa
 
 
 def stage1_parameters(pair: Pair) -> dict[str, nn.Parameter]:
-    """What the swap added (not in the teacher): Linformer E/F (per layer or the layerwise shared one)."""
+    """What the swap added (not in the teacher): Linformer E/F (per layer or the layerwise shared one), Hedgehog's
+    feature maps (blocks.i.attn.hedgehog_q / hedgehog_k)."""
     known = set(pair.teacher.state_dict())
     return {name: p for name, p in pair.student.named_parameters() if name not in known}
 
@@ -305,40 +269,50 @@ def _positions(ids: Tensor) -> Tensor:
     return torch.arange(n).expand(b, n)
 
 
-def attention_io(model: EffxModel, ids: Tensor, layers: Sequence[int]) -> tuple[dict[int, Tensor], dict[int, Tensor]]:
-    """Each listed layer's attention input and output in a whole-sequence forward of `model`."""
+def attention_io(model: EffxModel, ids: Tensor, layers: Sequence[int],
+                 mask: Tensor | None = None) -> tuple[dict[int, Tensor], dict[int, Tensor]]:
+    """Each listed layer's attention input and output in a whole-sequence forward of `model` (mask: (B,N),
+    1 = token, 0 = padding)."""
     inputs, outputs, hooks = {}, {}, []
     for i in layers:
         def hook(module, args, out, i=i):
             inputs[i], outputs[i] = args[0], out
         hooks.append(model.blocks[i].attn.register_forward_hook(hook))
     try:
-        model(ids)
+        model(ids, mask)
     finally:
         for h in hooks:
             h.remove()
     return inputs, outputs
 
 
-def block_outputs(model: EffxModel, ids: Tensor) -> tuple[list[Tensor], Tensor]:
+def block_outputs(model: EffxModel, ids: Tensor, mask: Tensor | None = None) -> tuple[list[Tensor], Tensor]:
     """Every block's output (the hidden states) and the model's output (encoder states or decoder logits)."""
     outs: list[Tensor] = []
     hooks = [b.register_forward_hook(lambda m, a, o: outs.append(o)) for b in model.blocks]
     try:
-        final = model(ids)
+        final = model(ids, mask)
     finally:
         for h in hooks:
             h.remove()
     return outs, final
 
 
-def stage1_loss(pair: Pair, ids: Tensor, layers: Sequence[int]) -> tuple[Tensor, list[float]]:
-    """1000 x mean over swapped layers of the attention-output MSE (student and teacher read the teacher's input)."""
+def stage1_loss(pair: Pair, ids: Tensor, layers: Sequence[int], mask: Tensor | None = None) -> tuple[Tensor, list[float]]:
+    """1000 x mean over swapped layers of the attention-output MSE (student and teacher read the teacher's input),
+    over the real tokens where `mask` marks padding."""
     with torch.no_grad():
-        xs, ys = attention_io(pair.teacher, ids, layers)
+        xs, ys = attention_io(pair.teacher, ids, layers, mask)
     pos = _positions(ids)
-    errs = [F.mse_loss(pair.student.blocks[i].attn(xs[i], pos, None), ys[i]) for i in layers]
+    errs = [_masked_mse(pair.student.blocks[i].attn(xs[i], pos, mask), ys[i], mask) for i in layers]
     return 1000 * torch.stack(errs).mean(), [e.item() for e in errs]
+
+
+def _masked_mse(s: Tensor, t: Tensor, mask: Tensor | None) -> Tensor:
+    if mask is None:
+        return F.mse_loss(s, t)
+    m = mask[..., None].to(s.dtype)  # (B,N,1)
+    return (((s - t) * m) ** 2).sum() / (m.sum() * s.shape[-1])
 
 
 # weight of the sentence-embedding term: 1 - cosine is ~10x smaller than the hidden-state term for the same
@@ -347,21 +321,28 @@ def stage1_loss(pair: Pair, ids: Tensor, layers: Sequence[int]) -> tuple[Tensor,
 EMBEDDING_WEIGHT = 10.0
 
 
-def _relative_mse(s: Tensor, t: Tensor) -> Tensor:
-    return ((s - t) ** 2).mean() / (t**2).mean().clamp_min(1e-12)
+def _relative_mse(s: Tensor, t: Tensor, mask: Tensor | None = None) -> Tensor:
+    return _masked_mse(s, t, mask) / _masked_mse(t, torch.zeros_like(t), mask).clamp_min(1e-12)
 
 
-def stage2_loss(pair: Pair, ids: Tensor) -> Tensor:
+def _mean_pool(h: Tensor, mask: Tensor | None) -> Tensor:
+    if mask is None:
+        return h.mean(1)
+    m = mask[..., None].to(h.dtype)
+    return (h * m).sum(1) / m.sum(1).clamp_min(1)
+
+
+def stage2_loss(pair: Pair, ids: Tensor, mask: Tensor | None = None) -> Tensor:
     """Mean over blocks of ||h_student - h_teacher||^2 / ||h_teacher||^2 (pre-norm residual streams grow with
     depth; relative errors weigh every layer alike), plus what the model is used for: encoders, the mean-pooled
     output (the sentence embedding) as 1 - cosine, since per-token errors that do not average out (a shared
     bias) move it most; decoders, KL(teacher || student) of the next-token distributions."""
     with torch.no_grad():
-        t_outs, t_final = block_outputs(pair.teacher, ids)
-    s_outs, s_final = block_outputs(pair.student, ids)
-    loss = torch.stack([_relative_mse(s, t) for s, t in zip(s_outs, t_outs, strict=True)]).mean()
+        t_outs, t_final = block_outputs(pair.teacher, ids, mask)
+    s_outs, s_final = block_outputs(pair.student, ids, mask)
+    loss = torch.stack([_relative_mse(s, t, mask) for s, t in zip(s_outs, t_outs, strict=True)]).mean()
     if pair.student.family == "encoder":
-        cos = F.cosine_similarity(s_final.mean(1), t_final.mean(1), dim=-1)  # (B,)
+        cos = F.cosine_similarity(_mean_pool(s_final, mask), _mean_pool(t_final, mask), dim=-1)  # (B,)
         return loss + EMBEDDING_WEIGHT * (1 - cos).mean()
     # decoders: distillation of the next-token distributions, KL(teacher || student) per token
     kl = F.kl_div(s_final.float().log_softmax(-1), t_final.float().log_softmax(-1), log_target=True,
@@ -437,6 +418,26 @@ def _batch_ids(rows: Tensor, batch: int, seed: int, stage_no: int, step: int) ->
     return rows[torch.randint(0, rows.shape[0], (min(batch, rows.shape[0]),), generator=g)]
 
 
+VARIED_MIN = 8  # shortest row of a --lengths varied batch (tokens, specials included)
+
+
+def vary_lengths(ids: Tensor, tokenizer_ids: dict[str, int | None], seed: int, stage_no: int,
+                 step: int) -> tuple[Tensor, Tensor]:
+    """Cut each packed row (encoder: [CLS] text [SEP]) to its own random length in [VARIED_MIN, seq], ended by
+    [SEP] and right-padded, so training sees the padded, sentence-length inputs a sentence encoder is used on.
+    Returns (ids, attention_mask); depends on (seed, stage, step) only, like the batch itself."""
+    b, n = ids.shape
+    g = torch.Generator().manual_seed(seed * 1_000_033 + stage_no * 100_019 + step)
+    lengths = torch.randint(min(VARIED_MIN, n), n + 1, (b,), generator=g)
+    keep = torch.arange(n)[None, :] < lengths[:, None]  # (B,N)
+    pad = tokenizer_ids.get("pad")
+    out = torch.where(keep, ids, torch.full_like(ids, pad if pad is not None else 0))
+    sep = tokenizer_ids.get("sep")
+    if sep is not None:
+        out[torch.arange(b), lengths - 1] = sep
+    return out, keep.to(torch.int64)
+
+
 def _save_checkpoint(folder: Path, state: dict[str, Any]) -> None:
     with atomic_dir(folder, CHECKPOINT_COMMAND, overwrite=True) as tmp:
         torch.save(state, tmp / STATE_NAME)
@@ -466,6 +467,7 @@ def adapt(
     lora_alpha: float | None = None,
     seed: int = 0,
     init: str = "pool",
+    lengths: str = "packed",
     held_out: float = 0.1,
     max_held_out: int = 32,
     checkpoint_every: int = 50,
@@ -482,7 +484,9 @@ def adapt(
     lr: stage 1's rate. From the pooling start, 1e-4 descends on all-MiniLM-L6-v2 where 1e-2 (LoLCATs' rate for
     feature-map MLPs) undid the start within 200 steps (loss 30 -> 157) and 1e-3 stalled; tiny models take more.
     lora_rank: None = 8 where stage 1 has nothing to train, else 0 (off). init: where stage 1 starts, "pool"
-    (Linformer E/F as average pooling over `seq` positions) or "import" (as imported). minutes: stop training after this
+    (Linformer E/F as average pooling over `seq` positions) or "import" (as imported). lengths: "packed" (every
+    training row `seq` tokens) or "varied" (encoders: each row cut to a random length, padded, with the attention
+    mask; see vary_lengths). minutes: stop training after this
     long (the steps done are recorded). resume: continue from OUT.checkpoint, or from an earlier output's
     checkpoint with more steps. on_step(stage, done, planned, loss) is called after every step."""
     say = progress or (lambda msg: None)
@@ -498,6 +502,9 @@ def adapt(
         raise SpecError("--lr and --lora-lr must be > 0")
     if init not in ("pool", "import"):
         raise SpecError(f"--init {init!r}: pool (Linformer E/F start as average pooling) or import (as imported)")
+    if lengths not in ("packed", "varied"):
+        raise SpecError(f"--lengths {lengths!r}: packed (rows of --seq tokens) or varied (encoders: random lengths, "
+                        "padded)")
     mode = check_output_dir(out, COMMAND, overwrite, resumable=resume)
     check_output_dir(ckpt_dir, CHECKPOINT_COMMAND, overwrite=True)  # ours or absent, never someone else's folder
     if not resume and not overwrite and (ckpt_dir / STATE_NAME).is_file():
@@ -509,6 +516,9 @@ def adapt(
     differentiable_ops()
     pair = load_pair(model, overrides)
     spec = pair.student.spec
+    if lengths == "varied" and spec.model.family != "encoder":
+        raise SpecError("--lengths varied pads rows for encoders; a decoder's causal attention already trains on "
+                        "every prefix length: drop --lengths or use packed")
     if seq > spec.model.max_seq_len:
         raise SpecError(f"--seq {seq} exceeds model.max_seq_len={spec.model.max_seq_len}; choose a smaller --seq")
     new_params = stage1_parameters(pair)
@@ -525,12 +535,13 @@ def adapt(
     say("tokenizing the text")
     tokenizer = load_tokenizer(pair.teacher_folder)
     data = pack_text(tokenizer, sources, seq, spec.model.family, spec.model.vocab_size, held_out)
+    special_ids = {"pad": tokenizer.pad_token_id, "sep": tokenizer.sep_token_id}
     eval_rows = data.held_out[:max_held_out]
     layers = swapped_layers(pair)
 
     fingerprint = json.dumps({
         "teacher": str(pair.teacher_folder.resolve()), "student": json.loads(spec.to_json()), "seq": seq,
-        "batch": batch, "init": init, "lr": lr, "lora_rank": rank, "lora_lr": lora_lr, "lora_alpha": alpha, "seed": seed,
+        "batch": batch, "init": init, "lengths": lengths, "lr": lr, "lora_rank": rank, "lora_lr": lora_lr, "lora_alpha": alpha, "seed": seed,
         "held_out": held_out, "text": [f["sha256"] for f in data.files],
     }, sort_keys=True)
 
@@ -601,9 +612,13 @@ def adapt(
                     timed_out = True
                     break
                 ids = _batch_ids(data.train, batch, seed, stage_no, done[stage])
+                mask = None
+                if lengths == "varied":
+                    ids, mask = vary_lengths(ids, special_ids, seed, stage_no, done[stage])
                 opt.zero_grad(set_to_none=True)
                 with torch.enable_grad():  # whatever the caller's mode (an inference-only process disables it)
-                    loss = stage1_loss(pair, ids, layers)[0] if stage == STAGE1 else stage2_loss(pair, ids)
+                    loss = (stage1_loss(pair, ids, layers, mask)[0] if stage == STAGE1
+                            else stage2_loss(pair, ids, mask))
                     loss.backward()
                 opt.step()
                 done[stage] += 1
@@ -627,6 +642,7 @@ def adapt(
         "teacher": {"hf": str(pair.teacher_folder.resolve()), "model_type": pair.origin.get("model_type"),
                     "attention": pair.origin.get("attention")},
         "kind": spec.attention_summary(), "family": spec.model.family, "seed": seed, "seq": seq, "batch": batch,
+        "lengths": lengths,
         "stages": [
             {"name": STAGE1, "trains": sorted(new_params), "init": init, "pooled": pooled,
              "parameters": sum(p.numel() for p in new_params.values()),

@@ -9,7 +9,7 @@ new tokens against a layer's cache state. Softmax kinds (full, local, block-spar
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextvars import ContextVar
 from typing import ClassVar
 
@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from effx.core.errors import EffxError
+from effx.core.flavours import ONNX, effective_attention_ops
 from effx.core.spec import RunSpec
 from effx.models.blocks import make_norm
 from effx.plugins.cache_write import write_pages, write_rows
@@ -59,6 +60,52 @@ def custom_attention_ops(enabled: bool) -> Iterator[None]:
 
 def prefer_custom_ops() -> bool:
     return _CUSTOM_OPS.get()
+
+
+# Export-time ai.onnx opset of the graph being traced (None in eager PyTorch). A layer whose math has a standard
+# ONNX op only from some opset on (LinearAttention, 27) takes it where the graph's opset reaches that version and
+# the graph does not keep effx nodes; eager runs keep the effx ops (their fused kernels).
+_EXPORT_OPSET: ContextVar[int | None] = ContextVar("effx_export_opset", default=None)
+
+
+@contextlib.contextmanager
+def export_opset(opset: int | None) -> Iterator[None]:
+    token = _EXPORT_OPSET.set(opset)
+    try:
+        yield
+    finally:
+        _EXPORT_OPSET.reset(token)
+
+
+def standard_op_available(since: int) -> bool:
+    """Exporting a graph of ai.onnx opset >= `since` that does not keep effx nodes (`--trt-plugins`)."""
+    opset = _EXPORT_OPSET.get()
+    return opset is not None and opset >= since and not prefer_custom_ops()
+
+
+# Export-time op flavours (effx.core.flavours): per attention site, the standard ONNX op or effx's own form, as
+# the target profile chose them (None in eager PyTorch, which runs its own paths).
+_FLAVOURS: ContextVar[Mapping[str, str] | None] = ContextVar("effx_attention_flavours", default=None)
+
+
+@contextlib.contextmanager
+def attention_flavours(choice: Mapping[str, str] | None) -> Iterator[None]:
+    token = _FLAVOURS.set(choice)
+    try:
+        yield
+    finally:
+        _FLAVOURS.reset(token)
+
+
+def takes_standard_op(site: str, softcap: bool = False) -> bool | None:
+    """During an export: whether attention `site` becomes the standard ONNX op: its flavour is onnx, the graph's
+    opset has the op (with soft-capping: Attention-25) and the graph keeps effx nodes nowhere (`--trt-plugins`).
+    None in eager PyTorch."""
+    choice, opset = _FLAVOURS.get(), _EXPORT_OPSET.get()
+    if choice is None or opset is None:
+        return None
+    # one rule for the graph and for what the manifest records
+    return effective_attention_ops(choice, opset, softcap, prefer_custom_ops())[site] == ONNX
 
 
 def _mod(x: Tensor, n) -> Tensor:

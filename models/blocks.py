@@ -10,13 +10,17 @@ from torch import Tensor, nn
 
 
 class RMSNorm(nn.Module):
+    """x / rms(x) * w. Written as a division by the square root (not times rsqrt): ONNX Runtime's optimizer fuses
+    exactly that form (Pow, ReduceMean, Add, Sqrt, Div, Mul) into one SimplifiedLayerNormalization kernel at
+    any opset, and the exported graph stays plain ONNX for every other runtime."""
+
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+        return x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
 
 
 class GemmaRMSNorm(nn.Module):
@@ -29,7 +33,7 @@ class GemmaRMSNorm(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps) * (1.0 + self.weight.float())
+        h = h / torch.sqrt(h.pow(2).mean(-1, keepdim=True) + self.eps) * (1.0 + self.weight.float())  # see RMSNorm
         return h.to(x.dtype)
 
 

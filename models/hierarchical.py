@@ -14,11 +14,19 @@ pool without the shift (padding pools as zeros; a pooled token is real if any of
 is exact softmax attention at its level's resolution (SDPA; ONNX `Attention` at opset >= 23), so no n x n
 tensor exists at a shortened level.
 
-Decoding (multiscale cache): every layer caches keys/values at its level (contiguous; a factor-k level grows
-by one entry per k tokens). Each shortening keeps, in the cache of the first layer below it, the activations
+Decoding (multiscale cache): every layer caches keys/values at its level. Factor-1 layers keep them as a
+contiguous layer does, in the host's buffers of `capacity` slots (token p in slot p, written by one ScatterND a
+runtime can run in place), so a decode step copies no cache; a factor-k level's pooled keys/values grow by one
+entry per k tokens. Each shortening keeps, in the cache of the first layer below it, the activations
 since the last complete group (`tail`, starting as the k - 1 zeros of the shift) and the shortened level's
 output for the newest group (`last_out`): a new token runs the shortened layers only when it completes a
 group, and positions inside a group reuse `last_out`. With factors [1] this is the base transformer.
+
+A step that completes no group (no new position p with p % k == 0, k the first shortening's ratio: a deeper
+level pools groups of the level above, so it completes nothing either) has nothing to run below the first
+shortening: `Hourglass.step_fine` runs only the factor-1 layers, appends to the first tail and upsamples the
+first level's `last_out`. It exports as its own graph (decode_fine) that the host protocol picks for such steps,
+so they neither run the shortened levels on zero rows nor carry their caches.
 """
 
 from __future__ import annotations
@@ -29,7 +37,7 @@ from torch import Tensor, nn
 from effx.core.errors import EffxError
 from effx.models.attention import StepInputs
 from effx.models.full import FullAttention
-from effx.plugins.common import arange_positions, causal_allowed, softmax_attention
+from effx.plugins.common import causal_allowed, softmax_attention
 
 
 def hourglass_schedule(n_layers: int, factors: list[int]) -> list[int]:
@@ -58,16 +66,17 @@ class HierarchicalAttention(FullAttention):
         self.factor = hourglass_schedule(spec.model.n_layers, self.params.factors)[layer_index]
 
     def empty_state(self, batch, cache_spec, dtype, device, capacity=None, chunk=1):
+        """Factor 1: the host's buffers of `capacity` slots (default max_seq_len), as a contiguous layer's; a
+        shortened level: no pooled keys/values yet."""
         if cache_spec.layout != "multiscale":
             raise EffxError(f"kv_cache.layout={cache_spec.layout} does not fit attention.kind=hierarchical")
-        z = torch.zeros(batch, self.n_kv_heads, 0, self.head_dim, dtype=dtype, device=device)
+        slots = (capacity or self.max_seq_len) if self.factor == 1 else 0
+        z = torch.zeros(batch, self.n_kv_heads, slots, self.head_dim, dtype=dtype, device=device)
         return {"key": z, "value": z.clone()}
 
     def attend_step(self, q, k, v, state, inputs):
-        if self.factor == 1:  # full resolution: key/value grow by the new tokens (multiscale keeps no buffers)
-            k_all, v_all = torch.cat([state["key"], k], 2), torch.cat([state["value"], v], 2)
-            k_pos = arange_positions(k_all.shape[0], k_all.shape[2], k_all.device)
-            return self.attend(q, k_all, v_all, inputs.q_pos, k_pos), {"key": k_all, "value": v_all}
+        if self.factor == 1:  # full resolution: write into the buffers (in place where the runtime can), attend
+            return self._step_contiguous(q, k, v, state, inputs)
         # a decode step of a shortened level has no new query when no group completes: the explicit form runs on
         # zero rows (ONNX Runtime's Attention kernel refuses an empty query)
         k_all, v_all = torch.cat([state["key"], k], 2), torch.cat([state["value"], v], 2)  # (B,H_kv,J+g,D)
@@ -208,6 +217,51 @@ class Hourglass(nn.Module):
             new_states[i] |= attn
         x, _ = self._step_move(self.final, x, level, new_states, stack)
         return x, new_states
+
+    @property
+    def first_ratio(self) -> int | None:
+        """k of the first shortening (None without one): a step completes a group only where a new position p
+        has p % k == 0."""
+        return self.shorten[0].ratio if len(self.shorten) else None
+
+    def completes_group(self, lengths: int, new_tokens: int) -> bool:
+        """Whether positions lengths .. lengths + new_tokens - 1 complete a group of the first shortening."""
+        k = self.first_ratio
+        return k is not None and (lengths + new_tokens - 1) // k * k >= lengths
+
+    def fine_layers(self) -> list[int]:
+        """The layers a step that completes no group runs: those at full resolution."""
+        return [i for i, f in enumerate(self.factors) if f == 1]
+
+    def step_fine(self, blocks: nn.ModuleList, x: Tensor, states: list[dict[str, Tensor]],
+                  inputs: StepInputs) -> tuple[Tensor, dict[int, dict[str, Tensor]]]:
+        """New tokens (B, S, C) that complete no group (the caller's promise, see completes_group): only the
+        factor-1 layers run. Returns the output and the states that change: the factor-1 layers' key/value and
+        the first shortening's tail (under its owner layer)."""
+        k, owner = self.first_ratio, self.owner[0]
+        changed: dict[int, dict[str, Tensor]] = {}
+        below = None  # the activations before the first shortening, while the walk is below it
+
+        def move(moves, x):
+            nonlocal below
+            for kind, b in moves:
+                if b != 0:  # deeper levels: nothing reaches them
+                    continue
+                if kind == "down":
+                    changed[owner] = {"tail": torch.cat([states[owner]["tail"], x], 1)}  # fewer than k rows
+                    below = x
+                else:  # every new position lies in the newest group: the level's output for it, upsampled
+                    offsets = inputs.q_pos % k
+                    x = below + self.upsample[0].at(states[owner]["last_out"], torch.zeros_like(offsets), offsets)
+                    below = None
+            return x
+
+        for i, (block, moves) in enumerate(zip(blocks, self.transitions, strict=True)):
+            x = move(moves, x)
+            if below is None:
+                x, attn = block(x, state={n: states[i][n] for n in ("key", "value")}, inputs=inputs)
+                changed[i] = attn
+        return move(self.final, x), changed
 
     def _step_move(self, moves, x, level: StepInputs, states, stack):
         for kind, b in moves:

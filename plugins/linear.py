@@ -12,6 +12,13 @@ orthogonal random features omega (m x d, seeded, fixed after init):
     phi(x) = exp(omega x' - |x'|^2 / 2 - c) / sqrt(m),  x' = x d^(-1/4)
 c is the per-row max for queries (it scales numerator and denominator alike, so it cancels) and 0 for
 keys, because a key stabiliser over all positions would depend on future tokens and break streaming.
+`identity` takes q and k as features already (m = their last dim, which may differ from v's): learned
+feature maps (Hedgehog) run in the model, before the op.
+
+`effx::linear_attention_recurrence` is ONNX's own LinearAttention (opset 27, update_rule "linear") exactly:
+packed (B, T, H*d) inputs, o_t = scale q_t^T S_t, S_t = S_{t-1} + k_t v_t^T, no normaliser. Causal linear
+attention takes it with the features computed around it and the normaliser as an extra value column
+(v' = [v, 1]: the last output column is phi(q)^T z), where the graph's opset has it.
 """
 
 from __future__ import annotations
@@ -22,8 +29,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from effx.core.flavours import LINEAR_ATTENTION_OPSET
 from effx.plugins.common import expand_kv
-from effx.plugins.onnx_body import node_op
+from effx.plugins.onnx_body import node_op, staged_op
 from effx.plugins.opspec import OpSpec, register_op
 
 
@@ -39,6 +47,8 @@ def favor_projection(nb_features: int, dim: int, generator: torch.Generator) -> 
 
 
 def feature_map(x: Tensor, omega: Tensor | None, kind: str, is_query: bool) -> Tensor:
+    if kind == "identity":
+        return x  # features computed before the op (learned maps)
     if kind == "elu":
         return F.elu(x) + 1.0  # (..., D)
     assert omega is not None, "favor needs its projection omega"
@@ -94,9 +104,13 @@ def linear_attention(
     return linear_attention_reference(q, k, v, k_valid, omega, feature_map_kind, eps)
 
 
+def _like_values(q: Tensor, v: Tensor) -> Tensor:
+    return q.new_empty(*q.shape[:-1], v.shape[-1])  # (B,H,N,D_v): identity features may be wider than D_v
+
+
 @linear_attention.register_fake
 def _(q, k, v, k_valid, omega, feature_map_kind, eps):
-    return torch.empty_like(q)
+    return _like_values(q, v)
 
 
 @torch.library.custom_op("effx::linear_attention_state", mutates_args=())
@@ -108,7 +122,7 @@ def linear_attention_state(
 
 @linear_attention_state.register_fake
 def _(q, k, v, s0, z0, omega, feature_map_kind, eps):
-    return torch.empty_like(q), torch.empty_like(s0), torch.empty_like(z0)
+    return _like_values(q, v), torch.empty_like(s0), torch.empty_like(z0)
 
 
 # -- ONNX ---------------------------------------------------------------------------------------------
@@ -186,3 +200,64 @@ STATE_SPEC = register_op(
         cuda_kernel=("linear", "linear_attention_state"),
     )
 )
+
+
+# -- ONNX LinearAttention (opset 27) ---------------------------------------------------------------------
+
+
+def linear_attention_recurrence_reference(
+    query: Tensor, key: Tensor, value: Tensor, past_state: Tensor, q_num_heads: int, kv_num_heads: int, scale: float
+) -> tuple[Tensor, Tensor]:
+    """ONNX LinearAttention, update_rule "linear": S_t = S_{t-1} + k_t v_t^T, o_t = scale q_t^T S_t (no normaliser;
+    scale is used as given, the caller resolves ONNX's 0 = 1/sqrt(d_k))."""
+    b, t, _ = query.shape
+    q = query.view(b, t, q_num_heads, -1).transpose(1, 2)  # (B,H,T,d_k)
+    k = key.view(b, t, kv_num_heads, -1).transpose(1, 2)  # (B,H_kv,T,d_k)
+    v = value.view(b, t, kv_num_heads, -1).transpose(1, 2)  # (B,H_kv,T,d_v)
+    if t == 0:
+        return query.new_zeros(b, 0, q_num_heads * v.shape[-1]), past_state.clone()
+    s = past_state[:, :, None] + (k[..., :, None] * v[..., None, :]).cumsum(2)  # (B,H_kv,T,d_k,d_v): S_t
+    y = scale * (q[..., None, :] @ expand_kv(s, q_num_heads // kv_num_heads)).squeeze(-2)  # (B,H,T,d_v)
+    return y.transpose(1, 2).reshape(b, t, -1), s[:, :, -1]
+
+
+@torch.library.custom_op("effx::linear_attention_recurrence", mutates_args=())
+def linear_attention_recurrence(
+    query: Tensor, key: Tensor, value: Tensor, past_state: Tensor, q_num_heads: int, kv_num_heads: int, scale: float
+) -> tuple[Tensor, Tensor]:
+    return linear_attention_recurrence_reference(query, key, value, past_state, q_num_heads, kv_num_heads, scale)
+
+
+@linear_attention_recurrence.register_fake
+def _(query, key, value, past_state, q_num_heads, kv_num_heads, scale):
+    d_v = past_state.shape[-1]
+    return query.new_empty(query.shape[0], query.shape[1], q_num_heads * d_v), torch.empty_like(past_state)
+
+
+def _recurrence_translation(query, key, value, past_state, q_num_heads: int, kv_num_heads: int, scale: float):
+    # scale is always set: ONNX reads 0 (its default) as 1/sqrt(d_k)
+    return staged_op("LinearAttention", LINEAR_ATTENTION_OPSET)(
+        query, key, value, past_state, q_num_heads=q_num_heads, kv_num_heads=kv_num_heads, update_rule="linear",
+        scale=scale)
+
+
+def normalized_state_attention_standard(
+    phi_q: Tensor, phi_k: Tensor, v: Tensor, s0: Tensor, z0: Tensor, eps: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """effx::NormalizedLinearAttentionState from features, through ONNX LinearAttention: the normaliser rides as an
+    extra value column (v' = [v, 1], so column D of the output is phi(q)^T z_t) and the state as [S, z].
+    phi_q (B,H,N,m), phi_k (B,H_kv,N,m), v (B,H_kv,N,D), s0 (B,H_kv,m,D), z0 (B,H_kv,m) -> y, S, z."""
+    b, h, n, _ = phi_q.shape
+    h_kv, d = v.shape[1], v.shape[-1]
+    v1 = torch.cat([v, torch.ones_like(v[..., :1])], -1)  # (B,H_kv,N,D+1)
+    state = torch.cat([s0, z0[..., None]], -1)  # (B,H_kv,m,D+1)
+
+    def pack(x: Tensor) -> Tensor:  # (B,H,N,d) -> (B,N,H*d)
+        return x.transpose(1, 2).reshape(b, n, -1)
+
+    y, state = linear_attention_recurrence(pack(phi_q), pack(phi_k), pack(v1), state, h, h_kv, 1.0)
+    y = y.view(b, n, h, d + 1).transpose(1, 2)  # (B,H,N,D+1)
+    return y[..., :d] / (y[..., d:] + eps), state[..., :d], state[..., d]
+
+
+TRANSLATIONS = {linear_attention_recurrence._opoverload: _recurrence_translation}  # standard-ONNX lowerings

@@ -126,6 +126,8 @@ class Body:
 
     def feature_map(self, x: str, kind: str, is_query: bool) -> str:
         """Linear attention's phi: elu(x)+1, or FAVOR+ exp(omega x' - |x'|^2/2 - c)/sqrt(m), x' = x d^-1/4."""
+        if kind == "identity":  # features computed before the op (learned maps)
+            return x
         if kind == "elu":
             return self.op("Add", self.op("Elu", x, alpha=1.0), self.float_like(1.0, x))
         d = self.op("CastLike", self.dim(x, 3), x)
@@ -193,3 +195,28 @@ def node_op(spec_name: str):
     """The onnxscript Op a torch.onnx translation calls to emit one bare `effx::<name>` node."""
     spec = OPS[spec_name]
     return onnxscript.values.Op(onnxscript.values.Opset(DOMAIN, 1), spec.name, node_schema(spec))
+
+
+# Standard ONNX ops newer than the opset torch.onnx traces at (its version converter stops at opset 25) are
+# emitted in this staging domain, at version 1 (so the converter leaves them alone), and moved into ai.onnx by
+# the exporter once it has raised the graph's opset. STAGED: op name -> the ai.onnx version it is written for.
+STAGING_DOMAIN = "effx.standard"
+STAGED: dict[str, int] = {}
+
+
+@functools.cache
+def staged_op(name: str, since: int):
+    """The onnxscript Op a torch.onnx translation calls to emit the standard op `name` of ai.onnx version `since`."""
+    std = onnx.defs.get_schema(name, since)
+    if std.since_version != since:
+        raise ValueError(f"ai.onnx {name} has no version {since} (its version at {since} is {std.since_version})")
+
+    def param(p):
+        return OpSchema.FormalParameter(p.name, p.type_str, param_option=p.option)
+
+    schema = OpSchema(name, STAGING_DOMAIN, 1, inputs=[param(p) for p in std.inputs],
+                      outputs=[param(p) for p in std.outputs],
+                      type_constraints=[(c.type_param_str, list(c.allowed_type_strs), "") for c in std.type_constraints],
+                      attributes=[OpSchema.Attribute(a.name, a.type, a.description) for a in std.attributes.values()])
+    STAGED[name] = since
+    return onnxscript.values.Op(onnxscript.values.Opset(STAGING_DOMAIN, 1), name, schema)

@@ -12,6 +12,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+from torch import Tensor
+
 DOMAIN = "effx"
 DOMAIN_VERSION = 1
 
@@ -39,6 +42,10 @@ class OpSpec:
     # the fused kernel for CUDA tensors: (family module in effx.plugins.kernels, launcher function); None:
     # CUDA tensors run the reference (e.g. hourglass: pooling + standard attention, which SDPA covers)
     cuda_kernel: tuple[str, str] | None = None
+    # training through the op (`effx adapt` backpropagates through the student's attention): "reference" recomputes
+    # the reference math under autograd in the backward (the kernels are inference-only and define none); None:
+    # the op has no gradient (autograd refuses to backpropagate through it)
+    backward: str | None = "reference"
 
     @property
     def qualified_name(self) -> str:
@@ -51,5 +58,44 @@ OPS: dict[str, OpSpec] = {}
 def register_op(spec: OpSpec) -> OpSpec:
     if spec.name in OPS:
         raise RuntimeError(f"op {spec.name} registered twice")
+    if spec.backward not in (None, "reference"):
+        raise ValueError(f"op {spec.name}: backward={spec.backward!r}; use 'reference' or None")
     OPS[spec.name] = spec
     return spec
+
+
+# -- gradients ---------------------------------------------------------------------------------------------
+_DIFFERENTIABLE: set[str] = set()
+
+
+def differentiable_ops() -> list[str]:
+    """Register the backward each op's spec declares (`backward="reference"`: recompute the op's reference math,
+    the function its CPU implementation runs, under autograd). Inference never needs gradients, so the ops are
+    registered without; training (effx adapt) calls this first. Idempotent; returns the differentiable ops."""
+    for spec in OPS.values():
+        if spec.backward is None or spec.name in _DIFFERENTIABLE:
+            continue
+        torch.library.register_autograd(spec.torch_op, _recompute_backward(spec.reference), setup_context=_keep_inputs)
+        _DIFFERENTIABLE.add(spec.name)
+    return sorted(_DIFFERENTIABLE)
+
+
+def _keep_inputs(ctx, inputs, output) -> None:
+    ctx.op_inputs = inputs  # tensors and attributes as called; the backward recomputes from them
+
+
+def _recompute_backward(reference: Callable[..., Any]):
+    def backward(ctx, *grads):
+        args = [a.detach().requires_grad_(True) if isinstance(a, Tensor) and need and a.is_floating_point() else a
+                for a, need in zip(ctx.op_inputs, ctx.needs_input_grad, strict=False)]
+        args += list(ctx.op_inputs[len(args):])
+        with torch.enable_grad():
+            out = reference(*args)
+        outs = out if isinstance(out, tuple) else (out,)
+        pairs = [(o, g) for o, g in zip(outs, grads, strict=True) if g is not None and o.requires_grad]
+        wrt = [a for a in args if isinstance(a, Tensor) and a.requires_grad]
+        got = iter(torch.autograd.grad([o for o, _ in pairs], wrt, [g for _, g in pairs], allow_unused=True)
+                   if pairs and wrt else [None] * len(wrt))
+        return tuple(next(got) if isinstance(a, Tensor) and a.requires_grad else None for a in args)
+
+    return backward

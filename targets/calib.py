@@ -190,4 +190,7 @@ def calibration_feeds(manifest: Manifest, batches: list[np.ndarray], runner: Run
         feeds["prefill"].append({k: np.array(v) for k, v in driver.prefill_feed(ids[:, :-1]).items()})
         driver.prefill(runner.infer, ids[:, :-1])
         feeds["decode"].append({k: np.array(v) for k, v in driver.step_feed(ids[:, -1:]).items()})
+    if "decode_fine" in graphs:  # an hourglass's step that completes no group: the part of a decode feed it takes
+        fine = {t.name for t in graphs["decode_fine"].inputs}
+        feeds["decode_fine"] = [{k: v for k, v in f.items() if k in fine} for f in feeds["decode"]]
     return feeds

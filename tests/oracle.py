@@ -99,6 +99,12 @@ def _phi(x: Tensor, a, omega: Tensor | None, is_query: bool) -> Tensor:
     return torch.exp(logits) / math.sqrt(omega.shape[0])
 
 
+def _hedgehog(x: Tensor, w: Tensor) -> Tensor:
+    """Hedgehog (Zhang et al. 2024, LoLCATs' form): [softmax(x W), softmax(-x W)] over features; x (H,N,D), W (H,D,D')."""
+    proj = torch.einsum("hnd,hde->hne", x, w)
+    return torch.cat([torch.softmax(proj, -1), torch.softmax(-proj, -1)], -1)
+
+
 def attention(sd: dict, spec, layer: int, x: Tensor, key_mask: Tensor | None) -> Tensor:
     """One attention layer (projections included) on x (B,N,C)."""
     m = spec.model
@@ -138,7 +144,11 @@ def attention(sd: dict, spec, layer: int, x: Tensor, key_mask: Tensor | None) ->
             out[bi] = _softmax_attention(qb, kp, vp, torch.ones(n, kp.shape[1], dtype=torch.bool), scale)
         elif a.kind == "linear":
             omega = sd.get(f"{p}.omega")
-            fq, fk = _phi(qb, a, omega, True), _phi(kb, a, omega, False) * valid[bi][None, :, None]
+            if a.feature_map == "hedgehog":  # learned per head: queries' map per query head, keys' per KV head
+                fq = _hedgehog(qb, sd[f"{p}.hedgehog_q"])
+                fk = _hedgehog(kb, sd[f"{p}.hedgehog_k"][kv_of]) * valid[bi][None, :, None]
+            else:
+                fq, fk = _phi(qb, a, omega, True), _phi(kb, a, omega, False) * valid[bi][None, :, None]
             for t in range(n):
                 seen = slice(0, t + 1) if causal else slice(0, n)
                 num = torch.einsum("hm,hkm,hkd->hd", fq[:, t], fk[:, seen], vb[:, seen])

@@ -161,6 +161,9 @@ class Manifest(_Model):
     custom_ops: list[CustomOp] = Field(default_factory=list)
     graphs: dict[str, GraphSpec]  # "encoder", or "prefill" + "decode"
     kv_cache: CachePlan | None = None
+    # the op flavour per attention site the graphs were written with, after the opset and --trt-plugins had their
+    # say (effx.core.flavours.effective_attention_ops); empty: an export from before flavours
+    attention_ops: dict[str, str] = Field(default_factory=dict)
     build: BuildInfo | None = None
     weights: dict[str, Any] | None = None  # sha256 of the state dict the graphs were exported from, and its source
     files: dict[str, FileEntry] = Field(default_factory=dict)

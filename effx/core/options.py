@@ -7,11 +7,12 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from effx.core.errors import SpecError
+from effx.core.flavours import SITES, format_attention_ops, parse_attention_ops
 
 MIN_OPSET = 18  # function bodies use ReduceMean/ReduceMax with axes inputs (opset 18)
-MAX_OPSET = 26  # the newest ai.onnx opset ONNX Runtime 1.32 runs
+MAX_OPSET = 27  # the newest ai.onnx opset ONNX Runtime 1.32 runs (LinearAttention-27; IR <= 13)
 ATTENTION_OPSET = 23  # ONNX Attention
-DEFAULT_OPSET = 23
+DEFAULT_OPSET = 23  # without --opset: this, or the newest opset a chosen standard attention op needs
 
 
 def check_opset(opset: int) -> None:
@@ -39,16 +40,27 @@ class _Options(BaseModel):
 class ExportOptions(_Options):
     """`effx export` (and the export stage of `effx run`)."""
 
-    opset: int = Field(DEFAULT_OPSET, description=f"ai.onnx opset ({MIN_OPSET}-{MAX_OPSET}); "
-                                                  f"{ATTENTION_OPSET}+ turns full attention into ONNX Attention")
+    opset: int | None = Field(None, description=f"ai.onnx opset ({MIN_OPSET}-{MAX_OPSET}); default: "
+                                                f"{DEFAULT_OPSET}, or what a chosen standard attention op needs "
+                                                "(25: windows, soft-capping; 27: LinearAttention)")
     max_batch: int = Field(8, ge=1, description="largest batch in the recorded shape ranges")
     inline: bool = Field(False, description="plain ONNX: inline the effx functions, no custom domain")
     trt_plugins: bool = Field(False, description="mark effx nodes for TensorRT's AOT plugins (aot=1)")
+    attention_ops: str | None = Field(None, description="op per attention site, SITE=onnx|effx,... (sites: "
+                                                       f"{', '.join(SITES)}); default: the target's measured choice")
+
+    @field_validator("attention_ops")
+    @classmethod
+    def _attention_ops(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        return format_attention_ops(parse_attention_ops(value))
 
     @field_validator("opset")
     @classmethod
-    def _opset(cls, value: int) -> int:
-        check_opset(value)
+    def _opset(cls, value: int | None) -> int | None:
+        if value is not None:
+            check_opset(value)
         return value
 
 

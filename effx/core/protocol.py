@@ -1,7 +1,8 @@
 """The host side of a decoder's cache plan: the one driver of the decode protocol.
 
 A decoder exports as a prefill graph (a prompt on an empty cache) and a decode graph (new tokens against the
-cache). The manifest's `kv_cache` plan says which tensors carry the cache (`present.{i}.*` out, `past.{i}.*`
+cache); an hourglass also exports decode_fine, which `DecodeDriver.step` runs for a token that completes no
+group. The manifest's `kv_cache` plan says which tensors carry the cache (`present.{i}.*` out, `past.{i}.*`
 in), which control inputs the host computes (`past_lengths`, and for paged caches `new_lengths` and the
 `block_table`) and how they start. `DecodeDriver` holds that state between steps and builds every feed;
 validate, calibration, bench, the tests and every runner drive decoders through it, and the C++ runner
@@ -70,6 +71,8 @@ class DecodeDriver:
         self.sizes = {"batch": batch, "capacity": total} | {k: w + chunk - 1 for k, w in self.windows.items()}
         # the longest step the ring buffers take: write-before-attend overwrites slots older than every window
         self.max_step = min((self.sizes[k] - w + 1 for k, w in self.windows.items()), default=None)
+        # an hourglass's steps of one token that complete no group may run its smaller decode_fine graph
+        self.first_ratio = self.plan.params.get("first_ratio") if "decode_fine" in manifest.graphs else None
         # the buffers the prefill graph takes (the host owns them)
         prefill_inputs = {t.name for t in manifest.graphs["prefill"].inputs}
         self._host = [t for t in self.plan.tensors if t.input in prefill_inputs]
@@ -143,9 +146,16 @@ class DecodeDriver:
         if ids.shape[1] > n:
             parts = [self.step(infer, ids[:, i:i + n]) for i in range(0, ids.shape[1], n)]
             return {"logits": np.concatenate([p["logits"] for p in parts], axis=1)}
-        outs = infer(self.step_feed(ids), "decode")
+        outs = infer(self.step_feed(ids), self.graph_for(ids.shape[1]))
         self.advance(outs, ids.shape[1])
         return outs
+
+    def graph_for(self, new_tokens: int) -> str:
+        """The graph a step of `new_tokens` runs: decode, or an hourglass's decode_fine for one token that
+        completes no group of its first shortening (position % first_ratio != 0)."""
+        if self.first_ratio and new_tokens == 1 and self.position % int(self.first_ratio):
+            return "decode_fine"
+        return "decode"
 
 
 def decode_loop(infer: Infer, manifest: Manifest, ids: np.ndarray, prompt: int,

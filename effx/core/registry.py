@@ -95,7 +95,7 @@ register_attention(
 )
 register_attention(
     AttentionEntry(
-        "linear", "LinearSpec", "phi(Q) (phi(K)^T V) / phi(Q) sum phi(K); elu+1 or FAVOR+",
+        "linear", "LinearSpec", "phi(Q) (phi(K)^T V) / phi(Q) sum phi(K); elu+1, FAVOR+ or Hedgehog (learned)",
         ("encoder", "decoder"), ("state",), "NormalizedLinearAttention",
         {"contiguous": "linear attention decodes from its fixed-size recurrent state: use kv_cache.layout = state",
          "paged": "linear attention decodes from its fixed-size recurrent state: use kv_cache.layout = state",

@@ -147,12 +147,22 @@ class BlockSparseSpec(_Spec):
 
 
 class LinearSpec(_Spec):
-    """Linear attention: phi(Q) (phi(K)^T V) with elu+1 or FAVOR+ positive random features."""
+    """Linear attention: phi(Q) (phi(K)^T V) with elu+1, FAVOR+ positive random features or Hedgehog's learned map."""
 
     kind: Literal["linear"] = "linear"
-    feature_map: Literal["elu", "favor"] = Field("elu", description="elu (elu(x)+1) or favor (FAVOR+)")
+    feature_map: Literal["elu", "favor", "hedgehog"] = Field(
+        "elu", description="elu (elu(x)+1), favor (FAVOR+) or hedgehog (learned: softmax(xW), softmax(-xW) concatenated)")
     nb_features: int = Field(64, ge=1, description="random features for favor")
+    hedgehog_dim: int | None = Field(
+        None, ge=1, description="hedgehog: width D' of the learned map per head (2 D' features); default head_dim")
     eps: float = Field(1e-6, gt=0, description="added to the normaliser")
+
+    @model_validator(mode="after")
+    def _check(self) -> LinearSpec:
+        if self.hedgehog_dim is not None and self.feature_map != "hedgehog":
+            raise ValueError(f"attention.hedgehog_dim={self.hedgehog_dim} sizes the hedgehog feature map, but "
+                             f"attention.feature_map={self.feature_map}: set feature_map = hedgehog or drop hedgehog_dim")
+        return self
 
 
 class HierarchicalSpec(_Spec):

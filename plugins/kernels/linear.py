@@ -3,6 +3,8 @@
 Feature maps (effx.plugins.linear.feature_map), computed in fp32 inside the kernels:
   elu    phi(x) = elu(x) + 1                                  (m = D features)
   favor  phi(x) = exp(omega x' - |x'|^2 / 2 - c) / sqrt(m),  x' = x D^(-1/4); c = row max for queries, 0 for keys
+  identity  phi(x) = x: q and k are features already (a learned map ran before the op); m = their width
+            QK_DIM, which may differ from the value width HEAD_DIM
 
 Kernels (program = one (batch, KV head, block of value columns); the n_rep query heads sharing a KV head
 reuse its state, so GQA costs no extra state):
@@ -28,8 +30,8 @@ from effx.plugins.kernels import _common
 
 tl = None  # triton.language, bound by _common.load()
 
-ELU, FAVOR = 0, 1
-FEATURE_MAPS = {"elu": ELU, "favor": FAVOR}
+ELU, FAVOR, IDENTITY = 0, 1, 2
+FEATURE_MAPS = {"elu": ELU, "favor": FAVOR, "identity": IDENTITY}
 INTERPRETED = False  # set by _common.load
 
 
@@ -52,6 +54,8 @@ def _phi(x, x_ptr, rows, row_ok, omega_ptr, M, FEATURE: tl.constexpr, IS_QUERY: 
     if FEATURE == 0:
         phi = tl.where(x > 0, x + 1.0, tl.exp(tl.minimum(x, 0.0)))
         phi = tl.where(f_ok[None, :], phi, 0.0)  # elu: features = columns (BLOCK_F == BLOCK_D)
+    elif FEATURE == 2:
+        phi = tl.where(f_ok[None, :], x, 0.0)  # identity: the columns are the features (BLOCK_F == BLOCK_D)
     else:
         xs = x * X_SCALE
         if PROJ_DOT:
@@ -79,6 +83,8 @@ def _phi_vec(x, omega_ptr, M, FEATURE: tl.constexpr, IS_QUERY: tl.constexpr, HEA
     f_ok = offs_f < M
     if FEATURE == 0:
         phi = tl.where(f_ok & (x > 0), x + 1.0, tl.where(f_ok, tl.exp(tl.minimum(x, 0.0)), 0.0))
+    elif FEATURE == 2:
+        phi = tl.where(f_ok, x, 0.0)
     else:
         offs_d = tl.arange(0, BLOCK_D)
         om = tl.load(omega_ptr + offs_f[:, None] * HEAD_DIM + offs_d[None, :],
@@ -101,7 +107,7 @@ def _load_rows(ptr, head_row, offs_c, c_ok, HEAD_DIM: tl.constexpr, BLOCK_D: tl.
 
 def linear_attention_kernel(q_ptr, k_ptr, v_ptr, k_valid_ptr, omega_ptr, H, H_KV, N, y_ptr,
                             EPS: tl.constexpr, FEATURE: tl.constexpr, M: tl.constexpr, HEAD_DIM: tl.constexpr,
-                            X_SCALE: tl.constexpr, PHI_SCALE: tl.constexpr, PROJ_DOT: tl.constexpr,
+                            QK_DIM: tl.constexpr, X_SCALE: tl.constexpr, PHI_SCALE: tl.constexpr, PROJ_DOT: tl.constexpr,
                             BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_F: tl.constexpr,
                             BLOCK_DV: tl.constexpr):
     pid_v = tl.program_id(0)
@@ -117,9 +123,9 @@ def linear_attention_kernel(q_ptr, k_ptr, v_ptr, k_valid_ptr, omega_ptr, H, H_KV
     for c0 in range(0, N, BLOCK_C):
         offs_c = c0 + tl.arange(0, BLOCK_C)
         c_ok = offs_c < N
-        rows = (kv_row + offs_c) * HEAD_DIM
-        phik = _phi(_load_rows(k_ptr, kv_row, offs_c, c_ok, HEAD_DIM, BLOCK_D), k_ptr, rows, c_ok, omega_ptr, M,
-                    FEATURE, False, PROJ_DOT, HEAD_DIM, X_SCALE, PHI_SCALE, BLOCK_D, BLOCK_F)
+        rows = (kv_row + offs_c) * QK_DIM
+        phik = _phi(_load_rows(k_ptr, kv_row, offs_c, c_ok, QK_DIM, BLOCK_D), k_ptr, rows, c_ok, omega_ptr, M,
+                    FEATURE, False, PROJ_DOT, QK_DIM, X_SCALE, PHI_SCALE, BLOCK_D, BLOCK_F)
         weight = tl.load(k_valid_ptr + b * N + offs_c, mask=c_ok, other=0.0).to(tl.float32)  # 0 = padding
         phik = phik * weight[:, None]
         v = tl.load(v_ptr + (kv_row + offs_c)[:, None] * HEAD_DIM + offs_v[None, :],
@@ -131,9 +137,9 @@ def linear_attention_kernel(q_ptr, k_ptr, v_ptr, k_valid_ptr, omega_ptr, H, H_KV
         for c0 in range(0, N, BLOCK_C):
             offs_c = c0 + tl.arange(0, BLOCK_C)
             c_ok = offs_c < N
-            rows = (q_row + offs_c) * HEAD_DIM
-            phiq = _phi(_load_rows(q_ptr, q_row, offs_c, c_ok, HEAD_DIM, BLOCK_D), q_ptr, rows, c_ok, omega_ptr, M,
-                        FEATURE, True, PROJ_DOT, HEAD_DIM, X_SCALE, PHI_SCALE, BLOCK_D, BLOCK_F)
+            rows = (q_row + offs_c) * QK_DIM
+            phiq = _phi(_load_rows(q_ptr, q_row, offs_c, c_ok, QK_DIM, BLOCK_D), q_ptr, rows, c_ok, omega_ptr, M,
+                        FEATURE, True, PROJ_DOT, QK_DIM, X_SCALE, PHI_SCALE, BLOCK_D, BLOCK_F)
             num = _dot(phiq, s)
             den = tl.sum(phiq * z[None, :], 1) + EPS
             tl.store(y_ptr + (q_row + offs_c)[:, None] * HEAD_DIM + offs_v[None, :],
@@ -142,8 +148,8 @@ def linear_attention_kernel(q_ptr, k_ptr, v_ptr, k_valid_ptr, omega_ptr, H, H_KV
 
 def linear_attention_state_kernel(q_ptr, k_ptr, v_ptr, s0_ptr, z0_ptr, omega_ptr, H, H_KV, N, y_ptr, s_ptr, z_ptr,
                                   EPS: tl.constexpr, FEATURE: tl.constexpr, M: tl.constexpr,
-                                  HEAD_DIM: tl.constexpr, X_SCALE: tl.constexpr, PHI_SCALE: tl.constexpr,
-                                  PROJ_DOT: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+                                  HEAD_DIM: tl.constexpr, QK_DIM: tl.constexpr, X_SCALE: tl.constexpr,
+                                  PHI_SCALE: tl.constexpr, PROJ_DOT: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
                                   BLOCK_F: tl.constexpr, BLOCK_DV: tl.constexpr):
     pid_v = tl.program_id(0)
     bk = tl.program_id(1)
@@ -163,17 +169,17 @@ def linear_attention_state_kernel(q_ptr, k_ptr, v_ptr, s0_ptr, z0_ptr, omega_ptr
     for c0 in range(0, N, BLOCK_C):
         offs_c = c0 + tl.arange(0, BLOCK_C)
         c_ok = offs_c < N
-        rows = (kv_row + offs_c) * HEAD_DIM
-        phik = _phi(_load_rows(k_ptr, kv_row, offs_c, c_ok, HEAD_DIM, BLOCK_D), k_ptr, rows, c_ok, omega_ptr, M,
-                    FEATURE, False, PROJ_DOT, HEAD_DIM, X_SCALE, PHI_SCALE, BLOCK_D, BLOCK_F)
+        rows = (kv_row + offs_c) * QK_DIM
+        phik = _phi(_load_rows(k_ptr, kv_row, offs_c, c_ok, QK_DIM, BLOCK_D), k_ptr, rows, c_ok, omega_ptr, M,
+                    FEATURE, False, PROJ_DOT, QK_DIM, X_SCALE, PHI_SCALE, BLOCK_D, BLOCK_F)
         phik = tl.where(c_ok[:, None], phik, 0.0)  # rows past N must not enter the state
         v = tl.load(v_ptr + (kv_row + offs_c)[:, None] * HEAD_DIM + offs_v[None, :],
                     mask=c_ok[:, None] & v_ok[None, :], other=0.0).to(tl.float32)
         for rep in range(0, n_rep):
             q_row = (b * H + kvh * n_rep + rep).to(tl.int64) * N
-            rows = (q_row + offs_c) * HEAD_DIM
-            phiq = _phi(_load_rows(q_ptr, q_row, offs_c, c_ok, HEAD_DIM, BLOCK_D), q_ptr, rows, c_ok, omega_ptr, M,
-                        FEATURE, True, PROJ_DOT, HEAD_DIM, X_SCALE, PHI_SCALE, BLOCK_D, BLOCK_F)
+            rows = (q_row + offs_c) * QK_DIM
+            phiq = _phi(_load_rows(q_ptr, q_row, offs_c, c_ok, QK_DIM, BLOCK_D), q_ptr, rows, c_ok, omega_ptr, M,
+                        FEATURE, True, PROJ_DOT, QK_DIM, X_SCALE, PHI_SCALE, BLOCK_D, BLOCK_F)
             a = tl.where(causal, _dot(phiq, tl.trans(phik)), 0.0)  # (C, C) intra-chunk weights
             num = _dot(a, v) + _dot(phiq, s)
             den = tl.sum(a, 1) + tl.sum(phiq * z[None, :], 1) + EPS
@@ -188,8 +194,8 @@ def linear_attention_state_kernel(q_ptr, k_ptr, v_ptr, s0_ptr, z0_ptr, omega_ptr
 
 def linear_attention_decode_kernel(q_ptr, k_ptr, v_ptr, s0_ptr, z0_ptr, omega_ptr, H, H_KV, N, y_ptr, s_ptr, z_ptr,
                                    EPS: tl.constexpr, FEATURE: tl.constexpr, M: tl.constexpr,
-                                   HEAD_DIM: tl.constexpr, X_SCALE: tl.constexpr, PHI_SCALE: tl.constexpr,
-                                   BLOCK_D: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_DV: tl.constexpr):
+                                   HEAD_DIM: tl.constexpr, QK_DIM: tl.constexpr, X_SCALE: tl.constexpr,
+                                   PHI_SCALE: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_DV: tl.constexpr):
     """N is always 1 here; it is an argument so that both LinearAttentionState kernels share one ABI."""
     pid_v = tl.program_id(0)
     bk = tl.program_id(1)
@@ -197,13 +203,13 @@ def linear_attention_decode_kernel(q_ptr, k_ptr, v_ptr, s0_ptr, z0_ptr, omega_pt
     kvh = bk % H_KV
     n_rep = H // H_KV
     offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < HEAD_DIM
+    d_ok = offs_d < QK_DIM
     offs_v = pid_v * BLOCK_DV + tl.arange(0, BLOCK_DV)
     v_ok = offs_v < HEAD_DIM
     offs_f = tl.arange(0, BLOCK_F)
     f_ok = offs_f < M
-    kx = tl.load(k_ptr + bk.to(tl.int64) * HEAD_DIM + offs_d, mask=d_ok, other=0.0).to(tl.float32)
-    phik = _phi_vec(kx, omega_ptr, M, FEATURE, False, HEAD_DIM, X_SCALE, PHI_SCALE, BLOCK_D, BLOCK_F)
+    kx = tl.load(k_ptr + bk.to(tl.int64) * QK_DIM + offs_d, mask=d_ok, other=0.0).to(tl.float32)
+    phik = _phi_vec(kx, omega_ptr, M, FEATURE, False, QK_DIM, X_SCALE, PHI_SCALE, BLOCK_D, BLOCK_F)
     v = tl.load(v_ptr + bk.to(tl.int64) * HEAD_DIM + offs_v, mask=v_ok, other=0.0).to(tl.float32)
     state_off = (bk.to(tl.int64) * M + offs_f)[:, None] * HEAD_DIM + offs_v[None, :]
     state_mask = f_ok[:, None] & v_ok[None, :]
@@ -211,8 +217,8 @@ def linear_attention_decode_kernel(q_ptr, k_ptr, v_ptr, s0_ptr, z0_ptr, omega_pt
     z = tl.load(z0_ptr + bk.to(tl.int64) * M + offs_f, mask=f_ok, other=0.0).to(tl.float32) + phik
     for rep in range(0, n_rep):
         h = kvh * n_rep + rep
-        qx = tl.load(q_ptr + (b * H + h).to(tl.int64) * HEAD_DIM + offs_d, mask=d_ok, other=0.0).to(tl.float32)
-        phiq = _phi_vec(qx, omega_ptr, M, FEATURE, True, HEAD_DIM, X_SCALE, PHI_SCALE, BLOCK_D, BLOCK_F)
+        qx = tl.load(q_ptr + (b * H + h).to(tl.int64) * QK_DIM + offs_d, mask=d_ok, other=0.0).to(tl.float32)
+        phiq = _phi_vec(qx, omega_ptr, M, FEATURE, True, QK_DIM, X_SCALE, PHI_SCALE, BLOCK_D, BLOCK_F)
         num = tl.sum(phiq[:, None] * s, 0)
         den = tl.sum(phiq * z, 0) + EPS
         tl.store(y_ptr + (b * H + h).to(tl.int64) * HEAD_DIM + offs_v, (num / den).to(y_ptr.dtype.element_ty),
@@ -229,9 +235,12 @@ TRITON_FUNCTIONS = ("_dot", "_phi", "_phi_vec", "_load_rows", "linear_attention_
 
 # -- host side -----------------------------------------------------------------------------------------
 def feature_constexprs(kind: str, head_dim: int, omega: Tensor | None) -> dict:
-    """Compile-time constants of a feature map: kind, feature count M and the two fixed scales."""
+    """Compile-time constants of a feature map: kind, feature count M and the two fixed scales. head_dim is the
+    width of q and k (for identity: the features, M = head_dim)."""
     if kind not in FEATURE_MAPS:
         raise ValueError(f"feature_map must be one of {sorted(FEATURE_MAPS)}, got {kind!r}")
+    if kind == "identity":
+        return {"FEATURE": IDENTITY, "M": head_dim, "X_SCALE": 1.0, "PHI_SCALE": 1.0}
     if kind == "favor":
         if omega is None or omega.dim() != 2 or omega.shape[1] != head_dim:
             raise ValueError(f"favor needs omega (m, D={head_dim}), got {None if omega is None else tuple(omega.shape)}")
@@ -240,19 +249,25 @@ def feature_constexprs(kind: str, head_dim: int, omega: Tensor | None) -> dict:
     return {"FEATURE": ELU, "M": head_dim, "X_SCALE": 1.0, "PHI_SCALE": 1.0}
 
 
-def _blocks(consts: dict, head_dim: int, gpu: bool, proj_dot: bool | None) -> dict:
-    """Tiles for the torch path. On the GPU the favor projection uses tensor cores (Triton's launcher
-    raises the shared-memory limit as needed); the interpreter tests pick either form."""
-    block_d = _common.block_dim(head_dim)
-    block_f = block_d if consts["FEATURE"] == ELU else _common.block_dim(consts["M"])
-    return {"BLOCK_D": block_d, "BLOCK_F": block_f, "BLOCK_DV": min(block_d, 32 if gpu else 16),
+def _blocks(consts: dict, qk_dim: int, head_dim: int, gpu: bool, proj_dot: bool | None) -> dict:
+    """Tiles for the torch path (BLOCK_D spans a q/k row, BLOCK_DV value columns). On the GPU the favor
+    projection uses tensor cores (Triton's launcher raises the shared-memory limit as needed); the interpreter
+    tests pick either form."""
+    block_d = _common.block_dim(qk_dim)
+    block_f = block_d if consts["FEATURE"] in (ELU, IDENTITY) else _common.block_dim(consts["M"])
+    return {"BLOCK_D": block_d, "BLOCK_F": block_f,
+            "BLOCK_DV": min(_common.block_dim(head_dim), 32 if gpu else 16),
             "PROJ_DOT": gpu if proj_dot is None else proj_dot}
 
 
-def _check(q: Tensor, k: Tensor, v: Tensor) -> None:
+def _check(q: Tensor, k: Tensor, v: Tensor, kind: str) -> None:
+    """q (B,H,N,d), k (B,H_kv,N,d), v (B,H_kv,N,D): d == D unless the features come precomputed (identity)."""
     _common.check_float(q, k, v)
-    if k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:] or q.shape[1] % k.shape[1]:
-        raise ValueError(f"q (B,H,N,D), k/v (B,H_kv,N,D) expected, got {tuple(q.shape)}, {tuple(k.shape)}")
+    same = q.shape[-1] == v.shape[-1] or kind == "identity"
+    if (k.shape[:-1] != v.shape[:-1] or q.shape[0] != k.shape[0] or q.shape[2] != k.shape[2]
+            or q.shape[-1] != k.shape[-1] or q.shape[1] % k.shape[1] or not same):
+        raise ValueError(f"q (B,H,N,D), k/v (B,H_kv,N,D) expected, got {tuple(q.shape)}, {tuple(k.shape)}, "
+                         f"{tuple(v.shape)}")
 
 
 def _launch_extra(ns, gpu_warps: int) -> dict:
@@ -262,21 +277,21 @@ def _launch_extra(ns, gpu_warps: int) -> dict:
 def linear_attention(q: Tensor, k: Tensor, v: Tensor, k_valid: Tensor | None, omega: Tensor | None,
                      feature_map_kind: str, eps: float, *, proj_dot: bool | None = None) -> Tensor:
     """effx::NormalizedLinearAttention (non-causal), fused."""
-    _check(q, k, v)
-    b, h, n, d = q.shape
-    h_kv = k.shape[1]
-    consts = feature_constexprs(feature_map_kind, d, omega)
+    _check(q, k, v, feature_map_kind)
+    b, h, n, qk = q.shape
+    h_kv, d = k.shape[1], v.shape[-1]
+    consts = feature_constexprs(feature_map_kind, qk, omega)
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     k_valid = torch.ones(b, n, device=q.device, dtype=q.dtype) if k_valid is None else k_valid.contiguous()
     omega = q if omega is None else omega.contiguous()  # elu never reads it; any pointer will do
-    y = torch.empty_like(q)
+    y = q.new_empty(b, h, n, d)
     if y.numel() == 0:
         return y
     ns = _common.load("linear", _common.interpret_for(q))
     gpu = q.device.type == "cuda"
-    blocks = _blocks(consts, d, gpu, proj_dot)
+    blocks = _blocks(consts, qk, d, gpu, proj_dot)
     ns.linear_attention_kernel[(-(-d // blocks["BLOCK_DV"]), b * h_kv)](
-        q, k, v, k_valid, omega, h, h_kv, n, y, EPS=float(eps), HEAD_DIM=d, BLOCK_C=32 if gpu else 16,
+        q, k, v, k_valid, omega, h, h_kv, n, y, EPS=float(eps), HEAD_DIM=d, QK_DIM=qk, BLOCK_C=32 if gpu else 16,
         **consts, **blocks, **_launch_extra(ns, 4))
     return y
 
@@ -285,27 +300,27 @@ def linear_attention_state(q: Tensor, k: Tensor, v: Tensor, s0: Tensor, z0: Tens
                            feature_map_kind: str, eps: float, *, block_c: int | None = None,
                            proj_dot: bool | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """effx::NormalizedLinearAttentionState (causal from a state), fused: chunked prefill, or the decode kernel for one token."""
-    _check(q, k, v)
-    b, h, n, d = q.shape
-    h_kv = k.shape[1]
-    consts = feature_constexprs(feature_map_kind, d, omega)
+    _check(q, k, v, feature_map_kind)
+    b, h, n, qk = q.shape
+    h_kv, d = k.shape[1], v.shape[-1]
+    consts = feature_constexprs(feature_map_kind, qk, omega)
     if s0.shape != (b, h_kv, consts["M"], d) or z0.shape != (b, h_kv, consts["M"]):
         raise ValueError(f"state shapes {tuple(s0.shape)}, {tuple(z0.shape)} do not match (B,H_kv,m,D), (B,H_kv,m)")
     q, k, v, s0, z0 = (t.contiguous() for t in (q, k, v, s0, z0))
     omega = q if omega is None else omega.contiguous()
-    y, s, z = torch.empty_like(q), torch.empty_like(s0), torch.empty_like(z0)
+    y, s, z = q.new_empty(b, h, n, d), torch.empty_like(s0), torch.empty_like(z0)
     if n == 0:
         return y, s0.clone(), z0.clone()
     ns = _common.load("linear", _common.interpret_for(q))
     gpu = q.device.type == "cuda"
-    blocks = _blocks(consts, d, gpu, proj_dot)
+    blocks = _blocks(consts, qk, d, gpu, proj_dot)
     grid = (-(-d // blocks["BLOCK_DV"]), b * h_kv)
     if n == 1:
         blocks.pop("PROJ_DOT")  # one row: the decode kernel projects with reductions
         ns.linear_attention_decode_kernel[grid](q, k, v, s0, z0, omega, h, h_kv, n, y, s, z, EPS=float(eps), HEAD_DIM=d,
-                                                **consts, **blocks, **_launch_extra(ns, 4))
+                                                QK_DIM=qk, **consts, **blocks, **_launch_extra(ns, 4))
     else:
         ns.linear_attention_state_kernel[grid](q, k, v, s0, z0, omega, h, h_kv, n, y, s, z, EPS=float(eps),
-                                               HEAD_DIM=d, BLOCK_C=block_c or (32 if gpu else 16),
+                                               HEAD_DIM=d, QK_DIM=qk, BLOCK_C=block_c or (32 if gpu else 16),
                                                **consts, **blocks, **_launch_extra(ns, 4))
     return y, s, z

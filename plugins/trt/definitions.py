@@ -147,7 +147,7 @@ def kernel_constexprs(spec: PluginSpec, attrs: dict[str, Any], float_type: str, 
     TensorRT raises a plugin kernel's shared-memory limit is not documented, so effx never needs it).
 
     dims holds what must be known when the engine is built: head_dim, and for the linear family the
-    feature count m (favor: omega rows) and, if fixed, the number of new tokens n.
+    feature count m (favor: omega rows; identity: the width of q and k) and, if fixed, the number of new tokens n.
     """
     head_dim = dims["head_dim"]
     block_d = _block_dim(head_dim)
@@ -174,9 +174,14 @@ def kernel_constexprs(spec: PluginSpec, attrs: dict[str, Any], float_type: str, 
     elif kind == "elu":
         feat = {"FEATURE": 0, "M": head_dim, "X_SCALE": 1.0, "PHI_SCALE": 1.0}
         block_f = block_d
+    elif kind == "identity":  # features computed before the op (Hedgehog): q/k rows are m wide, values head_dim
+        m = dims["m"]
+        feat = {"FEATURE": 2, "M": m, "X_SCALE": 1.0, "PHI_SCALE": 1.0}
+        block_d = block_f = _block_dim(m)
     else:
-        raise EffxError(f"{spec.name}: feature_map={kind!r} has no kernel (use 'elu' or 'favor')")
-    c = {"EPS": float(attrs["eps"]), "HEAD_DIM": head_dim, "BLOCK_D": block_d, "BLOCK_F": block_f,
+        raise EffxError(f"{spec.name}: feature_map={kind!r} has no kernel (use 'elu', 'favor' or 'identity')")
+    qk_dim = feat["M"] if kind == "identity" else head_dim
+    c = {"EPS": float(attrs["eps"]), "HEAD_DIM": head_dim, "QK_DIM": qk_dim, "BLOCK_D": block_d, "BLOCK_F": block_f,
          "BLOCK_DV": 16, **feat}
     if spec.name == "NormalizedLinearAttentionState" and dims.get("n") == 1:
         return spec.kernels[1], [Tiles(c, 16, 4, 1)]
@@ -236,7 +241,7 @@ def _launch(spec: PluginSpec, descs: dict[str, Any], attrs: dict[str, Any], tile
         e = descs["e"]
         extras = [heads, h_kv, n_q, e.shape_expr[1], e.shape_expr[0]]
     else:  # linear family: one program per (block of value columns, batch x KV head); D is a build constant
-        d = _constant(q.shape_expr[3], "head dim", spec.name)
+        d = _constant(descs["v"].shape_expr[3], "head dim", spec.name)
         return (-(-d // tiles.block_m), batch * h_kv), [heads, h_kv, n_q]
     return (trtp.cdiv(rows, tiles.block_m), batch * h_kv), extras
 
@@ -269,8 +274,11 @@ def aot_kernel(spec: PluginSpec, descs: dict[str, Any], attrs: dict[str, Any], o
     q = descs["q"]
     dims = {"head_dim": _constant(q.shape_expr[3], "head dim", spec.name)}
     if spec.kernel_family == "linear":
+        dims["head_dim"] = _constant(descs["v"].shape_expr[3], "head dim", spec.name)  # values: q/k may be features
         if attrs["feature_map"] == "favor":
             dims["m"] = _constant(descs["omega"].shape_expr[0], "favor feature count (omega rows)", spec.name)
+        elif attrs["feature_map"] == "identity":
+            dims["m"] = _constant(q.shape_expr[3], "feature count (q's last dim)", spec.name)
         n = q.shape_expr[2]
         if not getattr(n, "is_fake", False) and n.is_constant:
             dims["n"] = int(n.constant_value())
@@ -304,6 +312,8 @@ def _define(spec: PluginSpec, trtp: Any, arch: int | None) -> None:
     def describe(*args: Any, **kwargs: Any):
         bound = describe.__signature__.bind(*args, **kwargs).arguments
         outs = tuple(bound[out_like[o]].like() for o in spec.outputs)
+        if spec.kernel_family == "linear":  # y is as wide as the values (identity features may be wider)
+            outs[0].shape_expr[3] = bound["v"].shape_expr[3]
         return outs[0] if len(outs) == 1 else outs
 
     returns = desc if len(spec.outputs) == 1 else typing.Tuple[tuple(desc for _ in spec.outputs)]  # noqa: UP006

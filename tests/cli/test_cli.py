@@ -109,7 +109,7 @@ def test_readme_matrix_is_the_generated_one():
 EXPORT_BAD = [
     (["export", "--family", "decoder", "--attention", "linformer"], "attention.kind=linformer"),
     (["export", "--opset", "17"], "--opset 17"),
-    (["export", "--opset", "27"], "--opset 27"),
+    (["export", "--opset", "28"], "--opset 28"),
 ]
 
 

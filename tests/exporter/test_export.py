@@ -8,8 +8,10 @@ import pytest
 import torch
 
 from effx.core.manifest import Manifest, sha256_file
+from effx.core.protocol import decode_loop
 from effx.exporter import export_model
 from effx.models import build_model
+from effx.targets.ort import OrtRunner
 from tests.exporter.ort_helpers import decode_in_ort, empty_cache_feed, encoder_error, runtimes_agree, session
 from tests.helpers import DECODER_CASES, ENCODER_CASES, case_id, decoder_spec, encoder_spec
 from tests.oracle import sharpen
@@ -69,12 +71,16 @@ def test_decoder_prefill_then_decode_matches_pytorch(case, tmp_path_factory):
     layers = 3 if kind == "hierarchical" else 2
     spec = decoder_spec(kind, layout, attention, cache, n_layers=layers)
     model, out, manifest = exported(tmp_path_factory, ("dec", case_id(case)), spec)
-    assert set(manifest.graphs) == {"prefill", "decode"}
+    # an hourglass also exports decode_fine: a step of one token that completes no group
+    assert set(manifest.graphs) == {"prefill", "decode"} | ({"decode_fine"} if kind == "hierarchical" else set())
     for g in manifest.graphs.values():
         onnx.checker.check_model(str(out / g.file), full_check=True)
     nodes, _ = _effx_nodes(out / "prefill.onnx")
     if kind == "hierarchical":  # hourglass levels are ordinary layers over shortened sequences: no custom op
         assert nodes == []
+    elif kind == "linear":  # the cpu flavour: ONNX LinearAttention-27 (the export takes opset 27 for it)
+        standard = [n for n in onnx.load(str(out / "prefill.onnx")).graph.node if n.op_type == "LinearAttention"]
+        assert nodes == [] and len(standard) == layers and manifest.opsets[""] == 27
     elif kind != "full" or layout == "paged":
         assert len(nodes) == layers and len({n.op_type for n in nodes}) == 1
     batch, n = 2, 11
@@ -88,6 +94,12 @@ def test_decoder_prefill_then_decode_matches_pytorch(case, tmp_path_factory):
         got = decode_in_ort(out, manifest, ids.numpy(), prompt, block_table)
         assert np.abs(got - ref).max() <= TOL, prompt
     assert runtimes_agree(out, manifest, ids[:, :8].numpy(), prompt=5) <= TOL  # prefill and decode graphs
+    if kind == "hierarchical":  # the host protocol ran decode_fine exactly where no group completes
+        used = []
+        with OrtRunner(out, manifest, threads=1) as runner:
+            decode_loop(lambda feed, graph: used.append(graph) or runner.infer(feed, graph), manifest, ids.numpy(), 5)
+        k = manifest.kv_cache.params["first_ratio"]
+        assert used == ["prefill"] + ["decode" if p % k == 0 else "decode_fine" for p in range(5, n)]
     # the decode graph also takes an empty cache (past length 0)
     decode = session(out / "decode.onnx")
     feed = {"input_ids": ids[:, :4].numpy(), "past_lengths": np.zeros(batch, np.int64)} | empty_cache_feed(manifest, batch)

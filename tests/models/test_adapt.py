@@ -17,7 +17,16 @@ from safetensors.torch import load_file
 
 from effx.core.errors import ArtifactError, CompatibilityError, OutputPathError, SpecError
 from effx.models import build_model, import_hf, load_model, save_model
-from effx.models.adapt import Interrupted, adapt, load_pair, pooling_projection, start_from_pooling
+from effx.models.adapt import (
+    Interrupted,
+    adapt,
+    load_pair,
+    pooling_projection,
+    stage1_loss,
+    stage2_loss,
+    start_from_pooling,
+    vary_lengths,
+)
 from effx.models.hf_import import import_to_folder
 
 transformers = pytest.importorskip("transformers")
@@ -27,6 +36,7 @@ VOCAB = 200
 SEQ = 32
 LINFORMER = {"attention.kind": "linformer", "attention.k": 8, "model.max_seq_len": SEQ}
 LOCAL = {"attention.kind": "local", "attention.window": 4}
+HEDGEHOG = {"attention.kind": "linear", "attention.feature_map": "hedgehog"}
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -53,10 +63,10 @@ def write_corpus(folder):
     return path, fast
 
 
-def write_bert(folder, tokenizer):
+def write_bert(folder, tokenizer, initializer_range=0.2):
     torch.manual_seed(0)
     cfg = transformers.BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                  intermediate_size=64, max_position_embeddings=64, initializer_range=0.2)
+                                  intermediate_size=64, max_position_embeddings=64, initializer_range=initializer_range)
     transformers.BertModel(cfg).save_pretrained(str(folder))
     tokenizer.save_pretrained(str(folder))
     return folder
@@ -162,6 +172,52 @@ def test_pooling_start_averages_segments_and_is_exact_when_k_covers_the_sequence
     assert (pair.student(ids) - pair.teacher(ids)).abs().max() < 1e-5
 
 
+def test_hedgehog_transfer_cuts_every_layer_error_tenfold_and_exports(corpus, tmp_path):
+    """Stage 1 trains the Hedgehog maps (identity start) so each layer's linear attention mimics softmax.
+    The BERT here has initializer_range 0.1: at 0.2 (the other tests' model, near one-hot random attention)
+    the softmax-feature map plateaus at ~5x (layer 0) and ~12x (layer 1) whatever the width or steps."""
+    from effx.exporter import export_model
+    from tests.exporter.ort_helpers import encoder_error
+
+    bert = write_bert(tmp_path / "bert01", corpus["tokenizer"], initializer_range=0.1)
+    rep = adapt(f"hf:{bert}", tmp_path / "out", texts=[corpus["text"]], overrides=HEDGEHOG, seq=SEQ, steps=400,
+                lr=1e-2, plots=False).report
+    errs = rep["layer_attention_mse"]
+    for before, after in zip(errs["before"], errs["after"], strict=True):
+        assert after <= before / 10, errs
+    assert rep["stages"][0]["trains"] == [f"blocks.{i}.attn.hedgehog_{x}" for i in range(2) for x in "kq"]
+    assert rep["stages"][1]["steps_done"] == 0  # the maps are stage 1's: no LoRA by default
+    assert rep["held_out"]["after"]["embedding_cosine"] > rep["held_out"]["before"]["embedding_cosine"]
+    teacher, adapted = import_hf(bert), load_model(tmp_path / "out")
+    got, ref = adapted.state_dict(), teacher.state_dict()
+    assert all(torch.equal(got[k], v) for k, v in ref.items())  # only the maps moved
+    ident = build_model(adapted.spec).blocks[0].attn.hedgehog_q
+    assert not torch.allclose(got["blocks.0.attn.hedgehog_q"], ident)
+    # the adapted model exports like any other (encoder: effx's node taking precomputed features)
+    export_model(adapted, tmp_path / "onnx")
+    assert encoder_error(tmp_path / "onnx" / "model.onnx", adapted, 2, SEQ, pad_last=5) <= 1e-4
+
+
+def test_adapted_hedgehog_decoder_exports_as_linear_attention_27(corpus, tmp_path):
+    import numpy as np
+
+    from effx.exporter import export_model
+    from tests.exporter.ort_helpers import decode_in_ort
+
+    rep = run(corpus, tmp_path / "out", model="llama", overrides=HEDGEHOG, steps=40).report
+    assert rep["family"] == "decoder" and rep["stages"][0]["steps_done"] == 40
+    assert all(a < b for a, b in zip(rep["layer_attention_mse"]["after"], rep["layer_attention_mse"]["before"],
+                                     strict=True))
+    adapted = load_model(tmp_path / "out")
+    manifest = export_model(adapted, tmp_path / "onnx")  # the default: opset 27, as LinearAttention needs
+    assert manifest.opsets[""] == 27
+    assert manifest.custom_ops == []
+    ids = torch.randint(5, VOCAB, (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = adapted(ids).numpy()
+    assert np.abs(decode_in_ort(tmp_path / "onnx", manifest, ids.numpy(), 5) - ref).max() <= 1e-4
+
+
 # ------------------------------------------------------------------------------------------------ stage 2
 def test_lora_on_a_window_kind_drifts_less_than_the_bare_swap(corpus, tmp_path):
     rep = run(corpus, tmp_path / "out", overrides=LOCAL, steps=150, plots=True).report
@@ -253,7 +309,8 @@ def test_an_imported_swap_adapts_and_a_model_without_provenance_is_refused(corpu
 
 
 @pytest.mark.parametrize("case", ["no_text", "empty_text", "missing_text", "no_tokenizer", "nothing_to_adapt",
-                                  "no_attention", "decoder_linformer", "seq_too_long", "text_too_short"])
+                                  "no_attention", "decoder_linformer", "seq_too_long", "text_too_short",
+                                  "bad_lengths", "decoder_varied"])
 def test_bad_input_is_refused_before_training(corpus, tmp_path, case):
     texts, model, overrides, kw = [corpus["text"]], f"hf:{corpus['bert']}", LINFORMER, {}
     if case == "no_text":
@@ -277,9 +334,69 @@ def test_bad_input_is_refused_before_training(corpus, tmp_path, case):
         model, overrides, error, match = f"hf:{corpus['llama']}", {"attention.kind": "linformer"}, CompatibilityError, "causal"
     elif case == "seq_too_long":
         kw, error, match = {"seq": 64}, SpecError, "max_seq_len"
+    elif case == "bad_lengths":
+        kw, error, match = {"lengths": "ragged"}, SpecError, "--lengths 'ragged'"
+    elif case == "decoder_varied":
+        model, overrides, kw = f"hf:{corpus['llama']}", LOCAL, {"lengths": "varied"}
+        error, match = SpecError, "--lengths varied"
     else:
         (tmp_path / "short.txt").write_text("def class return " * 10)
         texts, error, match = [tmp_path / "short.txt"], SpecError, "fewer than two sequences"
     with pytest.raises(error, match=match):
         adapt(model, tmp_path / "out", texts=texts, overrides=overrides, **({"seq": SEQ} | kw))
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.checkpoint").exists()
+
+
+# ------------------------------------------------------------------------------------------ varied lengths
+def test_varied_rows_end_in_sep_and_their_losses_ignore_the_padding(corpus):
+    """--lengths varied: rows cut to seeded random lengths, [SEP]-ended and padded; both stages' losses on a
+    padded row equal the losses on the same row unpadded (the mask reaches every term)."""
+    tok = corpus["tokenizer"]
+    rows = torch.randint(5, VOCAB, (6, SEQ), generator=torch.Generator().manual_seed(1))
+    rows[:, 0] = tok.cls_token_id
+    special = {"pad": tok.pad_token_id, "sep": tok.sep_token_id}
+    ids, mask = vary_lengths(rows, special, seed=0, stage_no=2, step=3)
+    again, _ = vary_lengths(rows, special, seed=0, stage_no=2, step=3)
+    other, _ = vary_lengths(rows, special, seed=0, stage_no=2, step=4)
+    assert torch.equal(ids, again) and not torch.equal(ids, other)  # a function of (seed, stage, step)
+    lengths = mask.sum(1)
+    assert lengths.min() >= 8 and lengths.max() <= SEQ and len(set(lengths.tolist())) > 1
+    for r, n in enumerate(lengths.tolist()):
+        assert ids[r, n - 1] == tok.sep_token_id and (ids[r, n:] == tok.pad_token_id).all()
+        assert torch.equal(ids[r, :n - 1], rows[r, :n - 1])
+
+    pair = load_pair(f"hf:{corpus['bert']}", LOCAL)
+    r = int(torch.argmin(lengths))  # the shortest row: the most padding
+    n = int(lengths[r])
+    with torch.no_grad():
+        padded = stage2_loss(pair, ids[r:r + 1], mask[r:r + 1]).item()
+        alone = stage2_loss(pair, ids[r:r + 1, :n]).item()
+        unmasked = stage2_loss(pair, ids[r:r + 1]).item()  # padding read as tokens: a different loss
+        padded1 = stage1_loss(pair, ids[r:r + 1], [0, 1], mask[r:r + 1])[0].item()
+        alone1 = stage1_loss(pair, ids[r:r + 1, :n], [0, 1])[0].item()
+    assert padded > 1e-4 and padded == pytest.approx(alone, rel=1e-4)
+    assert abs(unmasked - alone) > 1e-3 * alone
+    assert padded1 > 1e-4 and padded1 == pytest.approx(alone1, rel=1e-4)
+
+
+def test_varied_lengths_training_records_itself_and_brings_short_inputs_closer(corpus, tmp_path):
+    """Trained on varied lengths, the student is closer to the teacher on short inputs (sentence-like, where the
+    window still cuts) than the bare swap, and than the same LoRA trained on packed rows only."""
+    rep = run(corpus, tmp_path / "varied", overrides=LOCAL, lengths="varied", steps=150, lr=1e-4).report
+    assert rep["lengths"] == "varied" and rep["stages"][1]["steps_done"] == 150
+    run(corpus, tmp_path / "packed", overrides=LOCAL, steps=150, lr=1e-4)
+    teacher, bare = import_hf(corpus["bert"]), import_hf(corpus["bert"], LOCAL)
+    varied, packed = load_model(tmp_path / "varied"), load_model(tmp_path / "packed")
+
+    def token_cosine(model, ids):
+        with torch.no_grad():
+            return torch.cosine_similarity(model(ids), teacher(ids), dim=-1).mean().item()
+
+    for n in (8, 16):
+        ids = held_out_ids(corpus, rep)[:, :n].clone()
+        ids[:, -1] = corpus["tokenizer"].sep_token_id
+        assert embedding_cosine(teacher, varied, ids) > embedding_cosine(teacher, bare, ids), n
+        assert token_cosine(varied, ids) > token_cosine(bare, ids) + 0.005, n
+    ids = held_out_ids(corpus, rep)[:, :8].clone()
+    ids[:, -1] = corpus["tokenizer"].sep_token_id
+    assert embedding_cosine(teacher, varied, ids) > embedding_cosine(teacher, packed, ids)

@@ -36,6 +36,21 @@ def test_token_by_token_and_prompt_then_decode_equal_full_forward(case, tokens):
     assert cache_after.lengths.tolist() == [N, N]
 
 
+def test_hedgehog_decode_equals_full_forward(tokens):
+    """Learned feature maps (moved off their identity start) through the state cache: prompt, chunk, tokens."""
+    model = sharpen(build_model(decoder_spec("linear", "state", {"feature_map": "hedgehog", "hedgehog_dim": 6})))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "hedgehog" in name:
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
+    ids = tokens(2, N)
+    full = model(ids)
+    for chunks in ([1] * N, [7, 5] + [1] * (N - 12)):
+        got, cache = _decode(model, ids, chunks)
+        assert (got - full).abs().max().item() <= TOL
+    assert cache.layers[0]["s"].shape == (2, 2, 12, 16) and cache.layers[0]["z"].shape == (2, 2, 12)  # m = 2 D'
+
+
 @pytest.mark.parametrize("case", [c for c in DECODER_CASES if c[1] == "paged"], ids=case_id)
 def test_paged_batch_with_different_prompt_lengths(case, tokens):
     kind, layout, attention, cache_params = case

@@ -28,6 +28,8 @@ ENCODERS = [
     ("hierarchical", {"factors": [1, 3]}, {"n_layers": 2}),
     ("full", {}, {"norm_position": "post", "embed_norm": True, "final_norm": False, "activation": "gelu"}),
     ("local", {"window": 3}, {"norm": "rmsnorm", "activation": "swiglu", "bias": False}),
+    ("linear", {"feature_map": "hedgehog"}, {}),
+    ("linear", {"feature_map": "hedgehog", "hedgehog_dim": 6}, {}),
 ]
 DECODERS = [
     ("full", {}, {}),
@@ -41,11 +43,18 @@ DECODERS = [
     ("hierarchical", {"factors": [1, 3]}, {"n_layers": 3}),
     ("hierarchical", {"factors": [1, 2, 4]}, {"n_layers": 5}),
     ("full", {}, {"positional": "learned", "norm": "rmsnorm", "activation": "swiglu"}),
+    ("linear", {"feature_map": "hedgehog", "hedgehog_dim": 6}, {}),
 ]
 
 
 def _sharp(spec):
-    return oracle.sharpen(build_model(spec))
+    model = oracle.sharpen(build_model(spec))
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():  # learned feature maps off their identity start: a swapped or misplaced map shows
+        for name, p in model.named_parameters():
+            if "hedgehog" in name:
+                p.add_(torch.randn(p.shape, generator=g))
+    return model
 
 
 def _inputs(vocab: int, batch: int = 3, n: int = 21):

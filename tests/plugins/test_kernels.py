@@ -298,6 +298,38 @@ def test_linear_decode_step_and_state_chain(kernel_device, kind):
     assert max_err(z, rz) <= FP32_TOL * rz.abs().max().item()
 
 
+IDENTITY_M = 24  # precomputed features (Hedgehog: 2 D'), wider than the values and not a power of two
+
+
+@pytest.mark.parametrize("case", list(LINEAR))
+def test_linear_identity_features(kernel_device, case):
+    """feature_map 'identity' (the features come precomputed, m != D): non-causal with padding, the chunked
+    prefill from a state, and decode steps chained, each against the reference."""
+    b, h, h_kv, n, d = LINEAR[case]
+    m = IDENTITY_M
+    # Hedgehog's features are softmaxes: positive, each half sums to 1
+    q = rand(b, h, n, m, seed=1, device=kernel_device).softmax(-1)
+    k = rand(b, h_kv, n, m, seed=2, device=kernel_device).softmax(-1)
+    v = rand(b, h_kv, n, d, seed=3, device=kernel_device)
+    s0, z0 = rand(b, h_kv, m, d, seed=8, device=kernel_device).abs(), rand(b, h_kv, m, seed=9, device=kernel_device).abs() + 1
+    k_valid = torch.ones(b, n, device=kernel_device)
+    k_valid[0, -5:] = 0
+    out = linear.linear_attention(q, k, v, k_valid, None, "identity", 1e-6)
+    assert out.shape == (b, h, n, d)
+    assert max_err(out, linear_attention_reference(q, k, v, k_valid, None, "identity", 1e-6)) <= FP32_TOL
+    y, s, z = linear.linear_attention_state(q, k, v, s0, z0, None, "identity", 1e-6)
+    ry, rs, rz = linear_attention_state_reference(q, k, v, s0, z0, None, "identity", 1e-6)
+    assert max_err(y, ry) <= FP32_TOL and max_err(s, rs) <= FP32_TOL * rs.abs().max().item()
+    assert max_err(z, rz) <= FP32_TOL * rz.abs().max().item()
+    s, z, outs = s0, z0, []
+    for t in range(3):
+        y, s, z = linear.linear_attention_state(q[:, :, t:t + 1], k[:, :, t:t + 1], v[:, :, t:t + 1], s, z, None,
+                                                "identity", 1e-6)
+        outs.append(y)
+    ry, rs, _ = linear_attention_state_reference(q[:, :, :3], k[:, :, :3], v[:, :, :3], s0, z0, None, "identity", 1e-6)
+    assert max_err(torch.cat(outs, 2), ry) <= FP32_TOL and max_err(s, rs) <= FP32_TOL * rs.abs().max().item()
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("kind", ["elu", "favor"])
 def test_linear_low_precision(kernel_device, close_lowp, kind, dtype):

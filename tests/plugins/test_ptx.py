@@ -64,3 +64,32 @@ def test_torch_path_kernels_compile_for_the_gpu(aot_report):
     for r in compiled:
         assert r["entries"] == [r["kernel"]] and r["target"] == "sm_90a"
         assert len(r["params"]) == r["n_args"], r
+
+
+def test_linear_kernels_with_precomputed_features_compile_for_orin():
+    """feature_map 'identity' (Hedgehog's features, m = 24 wide, values 16): the prefill and decode entries compile
+    ahead of time for sm_87 within the shared-memory limit (a subprocess: this one may run Triton interpreted)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import json\n"
+        "from effx.plugins.trt import PLUGIN_SPECS\n"
+        "from effx.plugins.trt.definitions import compile_fitting, kernel_constexprs, kernel_signature\n"
+        "spec = PLUGIN_SPECS['NormalizedLinearAttentionState']\n"
+        "io = {n: 'fp32' for n in spec.inputs + spec.outputs}\n"
+        "out = []\n"
+        "for dims in ({'head_dim': 16, 'm': 24}, {'head_dim': 16, 'm': 24, 'n': 1}):\n"
+        "    kernel, cands = kernel_constexprs(spec, {'feature_map': 'identity', 'eps': 1e-6}, 'fp32', dims, 0)\n"
+        "    name, tiles, c = compile_fitting(spec, kernel, cands, kernel_signature(spec, io), 87)\n"
+        "    out.append([name, tiles.constexprs['QK_DIM'], tiles.constexprs['HEAD_DIM'], c.shared, c.name])\n"
+        "print('RESULT', json.dumps(out))\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+    assert lines, proc.stderr[-2000:]
+    got = json.loads(lines[0][7:])
+    assert [g[0] for g in got] == ["linear_attention_state_kernel", "linear_attention_decode_kernel"]
+    assert all(g[1] == 24 and g[2] == 16 and g[3] <= SHARED_MEMORY_LIMIT and g[4] == g[0] for g in got), got

@@ -22,6 +22,8 @@ INVALID = [
     ({"attention": {"kind": "local", "window": 0}}, "attention.window"),
     ({"attention": {"kind": "block_sparse", "block_size": 0}}, "attention.block_size"),
     ({"attention": {"kind": "linear", "feature_map": "relu"}}, "attention.feature_map"),
+    ({"attention": {"kind": "linear", "hedgehog_dim": 8}}, "attention.hedgehog_dim"),
+    ({"attention": {"kind": "linear", "feature_map": "hedgehog", "hedgehog_dim": 0}}, "attention.hedgehog_dim"),
     ({"attention": {"kind": "hierarchical", "factors": [2, 4]}}, "attention.factors"),
     ({"attention": {"kind": "hierarchical", "factors": [1, 3, 4]}}, "attention.factors"),
     ({"attention": {"kind": "hierarchical", "factors": [1, 2, 4]}, "model": {"n_layers": 2}}, "model.n_layers"),

@@ -205,9 +205,10 @@ bool CachePlan::has_past_sequence() const {
 }
 
 bool CachePlan::has_capacity() const {
-    if (layers.empty()) return layout == "contiguous";
-    for (const auto& l : layers)
-        if (l.layout == "contiguous") return true;
+    // contiguous layers, and the factor-1 layers of a multiscale (hourglass) cache, hold `capacity` slots
+    for (const auto& t : tensors)
+        for (const auto& d : t.shape)
+            if (!d.fixed && d.symbol == "capacity") return true;
     return false;
 }
 
