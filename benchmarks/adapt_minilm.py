@@ -27,6 +27,7 @@ import json
 import os
 import platform
 import re
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -149,7 +150,8 @@ def main() -> None:
             sent_before = F.cosine_similarity(sentence_embeddings(bare, sentences), teacher_emb).mean().item()
             sent_after = F.cosine_similarity(sentence_embeddings(load_model(r.output), sentences), teacher_emb).mean().item()
             row = {
-                "name": name, "kind": rep["kind"], "init": rep["stages"][0]["init"] if rep["stages"][0]["steps_done"] else None,
+                "name": name, "command": "python benchmarks/adapt_minilm.py " + " ".join(sys.argv[1:]),
+                "kind": rep["kind"], "init": rep["stages"][0]["init"] if rep["stages"][0]["steps_done"] else None,
                 "threads": args.threads, "seq": args.seq, "batch": args.batch, "stage1_lr": kwargs["lr"],
                 "lora_rank": args.lora_rank, "lora_lr": kwargs["lora_lr"], "lengths": args.lengths,
                 "sentence_cosine_before": sent_before, "sentence_cosine_after": sent_after,
