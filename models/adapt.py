@@ -304,15 +304,16 @@ def stage1_loss(pair: Pair, ids: Tensor, layers: Sequence[int], mask: Tensor | N
     with torch.no_grad():
         xs, ys = attention_io(pair.teacher, ids, layers, mask)
     pos = _positions(ids)
-    errs = [_masked_mse(pair.student.blocks[i].attn(xs[i], pos, mask), ys[i], mask) for i in layers]
+    errs = [_mean_square(pair.student.blocks[i].attn(xs[i], pos, mask) - ys[i], mask) for i in layers]
     return 1000 * torch.stack(errs).mean(), [e.item() for e in errs]
 
 
-def _masked_mse(s: Tensor, t: Tensor, mask: Tensor | None) -> Tensor:
+def _mean_square(x: Tensor, mask: Tensor | None) -> Tensor:
+    """Mean of x**2 (B,N,C) over the real tokens (mask (B,N): 1 = token), or over everything."""
     if mask is None:
-        return F.mse_loss(s, t)
-    m = mask[..., None].to(s.dtype)  # (B,N,1)
-    return (((s - t) * m) ** 2).sum() / (m.sum() * s.shape[-1])
+        return (x**2).mean()
+    m = mask[..., None].to(x.dtype)  # (B,N,1)
+    return ((x * m) ** 2).sum() / (m.sum() * x.shape[-1])
 
 
 # weight of the sentence-embedding term: 1 - cosine is ~10x smaller than the hidden-state term for the same
@@ -322,7 +323,7 @@ EMBEDDING_WEIGHT = 10.0
 
 
 def _relative_mse(s: Tensor, t: Tensor, mask: Tensor | None = None) -> Tensor:
-    return _masked_mse(s, t, mask) / _masked_mse(t, torch.zeros_like(t), mask).clamp_min(1e-12)
+    return _mean_square(s - t, mask) / _mean_square(t, mask).clamp_min(1e-12)
 
 
 def _mean_pool(h: Tensor, mask: Tensor | None) -> Tensor:

@@ -77,12 +77,6 @@ def export_opset(opset: int | None) -> Iterator[None]:
         _EXPORT_OPSET.reset(token)
 
 
-def standard_op_available(since: int) -> bool:
-    """Exporting a graph of ai.onnx opset >= `since` that does not keep effx nodes (`--trt-plugins`)."""
-    opset = _EXPORT_OPSET.get()
-    return opset is not None and opset >= since and not prefer_custom_ops()
-
-
 # Export-time op flavours (effx.core.flavours): per attention site, the standard ONNX op or effx's own form, as
 # the target profile chose them (None in eager PyTorch, which runs its own paths).
 _FLAVOURS: ContextVar[Mapping[str, str] | None] = ContextVar("effx_attention_flavours", default=None)

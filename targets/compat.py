@@ -211,29 +211,24 @@ class _Scope:
             if n.op_type == "Constant":
                 self.consts.update(n.output)
 
-    def type(self, name: str) -> int | None:
+    def _find(self, table: str, name: str):
+        """`name`'s entry in `table` (types, ranks) of this scope or the nearest enclosing one, else None."""
         s: _Scope | None = self
         while s is not None:
-            if name in s.types:
-                return s.types[name]
+            entries = getattr(s, table)
+            if name in entries:
+                return entries[name] if isinstance(entries, dict) else True
             s = s.parent
         return None
+
+    def type(self, name: str) -> int | None:
+        return self._find("types", name)
 
     def rank(self, name: str) -> int | None:
-        s: _Scope | None = self
-        while s is not None:
-            if name in s.ranks:
-                return s.ranks[name]
-            s = s.parent
-        return None
+        return self._find("ranks", name)
 
     def const(self, name: str) -> bool:
-        s: _Scope | None = self
-        while s is not None:
-            if name in s.consts:
-                return True
-            s = s.parent
-        return False
+        return bool(self._find("consts", name))
 
 
 def _schema(op: str, opset: int):

@@ -99,9 +99,14 @@ def effective_attention_ops(choice: Mapping[str, str], opset: int, softcap: bool
     Attention-25) and, in `--trt-plugins` graphs, only for full attention without soft-capping (an effx node
     exists for the rest). The models apply the same rule (effx.models.attention.takes_standard_op)."""
     def standard(site: str) -> bool:
-        plugins_ok = not trt_plugins or (site == "full" and not softcap)
-        return choice[site] == ONNX and opset >= standard_op_opset(site, softcap) and plugins_ok
+        return _wants_standard(choice, site, softcap, trt_plugins) and opset >= standard_op_opset(site, softcap)
     return {site: ONNX if standard(site) else EFFX for site in SITES}
+
+
+def _wants_standard(choice: Mapping[str, str], site: str, softcap: bool, trt_plugins: bool) -> bool:
+    """The flavour of `site` is onnx and the graph may hold the standard op: `--trt-plugins` graphs keep effx
+    nodes wherever one exists (all but full attention without soft-capping)."""
+    return choice[site] == ONNX and (not trt_plugins or (site == "full" and not softcap))
 
 
 def opset_for(choice: Mapping[str, str], sites: Iterable[str], softcap: bool, trt_plugins: bool, default: int,
@@ -110,9 +115,6 @@ def opset_for(choice: Mapping[str, str], sites: Iterable[str], softcap: bool, tr
     op needs for the `sites` the model has whose flavour is onnx (Attention-25 for windows or soft-capping,
     LinearAttention-27), never above `newest`. Graphs for TensorRT's plugins keep effx nodes, so they raise
     nothing beyond full attention's."""
-    need = default
-    for site in sites:
-        plugins_ok = not trt_plugins or (site == "full" and not softcap)
-        if choice[site] == ONNX and plugins_ok:
-            need = max(need, standard_op_opset(site, softcap))
-    return min(need, newest)
+    need = max((standard_op_opset(site, softcap) for site in sites
+                if _wants_standard(choice, site, softcap, trt_plugins)), default=default)
+    return min(max(need, default), newest)

@@ -167,6 +167,18 @@ def _device_path(bin_dir: Path) -> str:
     return os.pathsep.join([str(bin_dir), *keep])
 
 
+def _run_kit_script(kit: Path, script: str, fakes: dict[str, str], tmp_path: Path):
+    """Copy the kit, put stand-in commands (name -> bash body) first on PATH, run one of its scripts there."""
+    work, bin_dir = tmp_path / "kit", tmp_path / "bin"
+    shutil.copytree(kit, work)
+    bin_dir.mkdir()
+    for name, body in fakes.items():
+        _fake(bin_dir, name, body)
+    proc = subprocess.run(["bash", str(work / script)], capture_output=True, text=True,
+                          env={**os.environ, "PATH": _device_path(bin_dir)}, timeout=60)
+    return work, proc
+
+
 TRTEXEC = r"""for a in "$@"; do case "$a" in --saveEngine=*) : > "${a#--saveEngine=}"; echo "flags: $*" >> trtexec.log;; esac; done
 [ $# -eq 0 ] && echo "&&&& RUNNING TensorRT.trtexec [TensorRT v101300] # trtexec"
 exit 0
@@ -176,15 +188,8 @@ exit 0
 @pytest.mark.parametrize("python_says,expect", [("10.15.1.2", "10.15"), ("", "10.13")])
 def test_kit_names_engines_after_the_device_tensorrt(python_says, expect, kits, tmp_path):
     _, kit = kits[("jetson-orin", "int8")]
-    work = tmp_path / "kit"
-    shutil.copytree(kit, work)
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    _fake(bin_dir, "python3", f'case "$*" in *tensorrt*) [ -n "{python_says}" ] && echo "{python_says}" && exit 0; exit 1;; '
-                               '*) exit 1;; esac\n')
-    _fake(bin_dir, "trtexec", TRTEXEC)
-    proc = subprocess.run(["bash", str(work / "build_on_device.sh")], capture_output=True, text=True,
-                          env={**os.environ, "PATH": _device_path(bin_dir)}, timeout=60)
+    python3 = f'case "$*" in *tensorrt*) [ -n "{python_says}" ] && echo "{python_says}" && exit 0; exit 1;; *) exit 1;; esac\n'
+    work, proc = _run_kit_script(kit, "build_on_device.sh", {"python3": python3, "trtexec": TRTEXEC}, tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert {p.name for p in work.glob("*.engine")} == {f"prefill.sm87.trt{expect}.engine",
                                                        f"decode.sm87.trt{expect}.engine"}
@@ -222,14 +227,9 @@ def test_check_script_carries_the_shapes_and_tolerances(kits):
 @pytest.mark.parametrize("poly_exit,verdict", [(0, "PASS"), (1, "FAIL")])
 def test_check_script_prints_pass_or_fail_and_writes_the_report(poly_exit, verdict, kits, tmp_path):
     _, kit = kits[("h100", "fp32")]
-    work = tmp_path / "kit"
-    shutil.copytree(kit, work)
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    _fake(bin_dir, "polygraphy", f'echo "polygraphy $* feeds=$EFFX_CHECK_FEEDS"; exit {poly_exit}\n')
-    _fake(bin_dir, "python3", "exit 1\n")  # no torch, no tensorrt: the polygraphy branch alone
-    proc = subprocess.run(["bash", str(work / "check_on_device.sh")], capture_output=True, text=True,
-                          env={**os.environ, "PATH": _device_path(bin_dir)}, timeout=60)
+    fakes = {"polygraphy": f'echo "polygraphy $* feeds=$EFFX_CHECK_FEEDS"; exit {poly_exit}\n',
+             "python3": "exit 1\n"}  # no torch, no tensorrt: the polygraphy branch alone
+    work, proc = _run_kit_script(kit, "check_on_device.sh", fakes, tmp_path)
     assert proc.returncode == (0 if verdict == "PASS" else 1), proc.stdout + proc.stderr
     assert proc.stdout.strip().splitlines()[-1] == verdict
     report = (work / "check_on_device.report.txt").read_text()
