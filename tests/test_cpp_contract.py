@@ -25,8 +25,9 @@ def test_every_manifest_key_the_cpp_runtime_reads_exists():
     assert {"schema_version", "kv_cache", "engine_built", "tensorrt_version", "sm", "protocol"} <= keys
     # build.plugins entries are free-form dicts: {"op", "plugin"} as targets/tensorrt/build.py and kit.py write them
     # kv_cache.layers[i].params is free-form too: {"window"} of ring layers, {"block_size", "num_blocks"} of paged
-    # ones, {"factor"} of multiscale ones, as exporter/cache_plan.py writes them
-    layer_params = {"window", "block_size", "num_blocks", "factor"}
+    # ones, {"factor"} of multiscale ones, as exporter/cache_plan.py writes them; kv_cache.params of an hourglass
+    # holds {"first_ratio"} (decode_fine's condition; tests/exporter/test_export.py reads it from a real export)
+    layer_params = {"window", "block_size", "num_blocks", "factor", "first_ratio"}
     known = _schema_fields(Manifest.model_json_schema()) | set(ModelSpec.model_fields) | {"model", "op", "plugin"}
     known |= layer_params
     assert keys - known == set(), f"bundle.cpp reads keys the manifest does not have: {sorted(keys - known)}"

@@ -179,3 +179,16 @@ def test_int8_paged_decoder_calibrates_through_the_host_protocol(tmp_path_factor
                       output=tmp_path / "r")
     assert report.passed and report.precision == "int8"
     assert all(0 < o.max_abs and o.cosine >= 0.98 for o in report.cases[0].outputs)
+
+
+def test_hourglass_decoder_times_the_step_graph_the_protocol_picks(tmp_path):
+    # levels 1, 3, 1: after a prompt of 10 tokens the next one (position 10, 10 % 3 != 0) completes no group, so
+    # the host runs decode_fine; the general decode graph is timed on the same step as a group-completing step's cost
+    spec = decoder_spec("hierarchical", "multiscale", {"factors": [1, 3]}, n_layers=3)
+    export_model(build_model(spec), tmp_path / "onnx")
+    report = check(tmp_path / "onnx", seqs=[11], batches=[1], steps=4, iters=2, plots=False)
+    assert report.passed
+    timed = [(x.runner, x.graph) for x in report.latency]
+    for runner in ("onnxruntime", "torch"):
+        assert [g for r, g in timed if r == runner] == ["prefill", "decode_fine", "decode"]
+    assert all(x.seq == 1 and x.iters == 2 for x in report.latency if x.graph != "prefill")

@@ -212,6 +212,11 @@ bool CachePlan::has_capacity() const {
     return false;
 }
 
+int64_t CachePlan::first_ratio() const {
+    auto it = int_params.find("first_ratio");
+    return it != int_params.end() ? it->second : 0;
+}
+
 std::map<std::string, int64_t> CachePlan::buffer_sizes(int64_t tokens) const {
     std::map<std::string, int64_t> sizes{{"capacity", tokens}};
     for (const auto& l : layers)

@@ -372,15 +372,27 @@ struct CacheSlot {
 
 class Decoder {
 public:
-    Decoder(const effx::Bundle& b, effx::Engine& prefill, effx::Engine& decode, const Options& o, cudaStream_t s)
+    // fine: an hourglass's decode_fine engine (nullptr when the bundle has none), run for a step of one token
+    // that completes no group of the first shortening, as effx.core.protocol.DecodeDriver.graph_for does.
+    Decoder(const effx::Bundle& b, effx::Engine& prefill, effx::Engine& decode, effx::Engine* fine, const Options& o,
+            cudaStream_t s)
         : bundle_(b), plan_(*b.kv_cache), prefill_(prefill), decode_(decode), o_(o), stream_(s) {
         tokens_total_ = o.seq + o.steps;
+        if (fine) {
+            first_ratio_ = plan_.first_ratio();
+            if (first_ratio_ < 2)
+                throw Error("the bundle has a decode_fine graph but its kv_cache plan has no params.first_ratio >= 2 "
+                            "(the step condition); rebuild it with this effx");
+            fine_ = fine;
+        }
         check_range(prefill.spec(), "batch", o.batch, "--batch");
         check_range(prefill.spec(), "sequence", o.seq, "--seq");
         if (o.steps > 0) {
-            check_range(decode.spec(), "batch", o.batch, "--batch");
-            if (plan_.has_past_sequence())
-                check_range(decode.spec(), "past_sequence", tokens_total_ - 1, "--seq + --steps - 1 (cached tokens)");
+            for (effx::Engine* e : step_engines()) {
+                check_range(e->spec(), "batch", o.batch, "--batch");
+                if (plan_.has_past_sequence())
+                    check_range(e->spec(), "past_sequence", tokens_total_ - 1, "--seq + --steps - 1 (cached tokens)");
+            }
         }
         sizes_ = plan_.buffer_sizes(tokens_total_);  // the host's buffers: contiguous capacity, ring slots
         if (plan_.has_capacity()) check_range(prefill.spec(), "capacity", tokens_total_, "--seq + --steps (cache capacity)");
@@ -398,7 +410,9 @@ public:
         // Allocate everything for the longest step up front (no cudaMalloc inside the timed loop).
         for (auto& s : slots_) {
             size_t bytes = 0;
-            for (effx::Engine* e : {&prefill_, &decode_}) {
+            std::vector<effx::Engine*> engines = step_engines();
+            engines.push_back(&prefill_);
+            for (effx::Engine* e : engines) {
                 const effx::Engine::IO* io = e->find(s.plan->output);
                 if (!io) continue;
                 Env env{{"batch", o.batch}, {"sequence", e == &prefill_ ? o.seq : 1}};
@@ -434,7 +448,7 @@ public:
         r.first_sequence.push_back(next[0]);
         for (int64_t t = 0; t < o_.steps; ++t) {
             t0 = std::chrono::steady_clock::now();
-            next = step(decode_, next, 1, o_.seq + t, ev);
+            next = step(engine_for_step(o_.seq + t), next, 1, o_.seq + t, ev);
             r.step_gpu.push_back(ev.elapsed_ms());
             r.step_host.push_back(host_ms(t0));
             r.first_sequence.push_back(next[0]);
@@ -446,6 +460,16 @@ public:
     const std::vector<int64_t>& block_row0() const { return table_; }
 
 private:
+    std::vector<effx::Engine*> step_engines() {
+        std::vector<effx::Engine*> e{&decode_};
+        if (fine_) e.push_back(fine_);
+        return e;
+    }
+
+    // The engine for a step of one token after `past` cached tokens: decode_fine where that token completes no
+    // group of the first shortening (past % first_ratio != 0), else decode.
+    effx::Engine& engine_for_step(int64_t past) { return fine_ && past % first_ratio_ != 0 ? *fine_ : decode_; }
+
     // One graph call: `ids` [B, n] new tokens, `past` tokens already cached. Returns the greedy next tokens.
     std::vector<int64_t> step(effx::Engine& e, const std::vector<int64_t>& ids, int64_t n, int64_t past, Timer& ev) {
         const int64_t B = o_.batch;
@@ -563,6 +587,8 @@ private:
     const effx::CachePlan& plan_;
     effx::Engine& prefill_;
     effx::Engine& decode_;
+    effx::Engine* fine_ = nullptr;
+    int64_t first_ratio_ = 0;
     const Options& o_;
     cudaStream_t stream_;
     int64_t tokens_total_ = 0, vocab_ = 0, max_blocks_ = 0;
@@ -574,9 +600,9 @@ private:
     std::map<std::string, int64_t> sizes_;  // buffer dims: capacity, ring_{i}
 };
 
-int run_decoder(const effx::Bundle& bundle, effx::Engine& prefill, effx::Engine& decode, const Options& o,
-                cudaStream_t stream) {
-    Decoder dec(bundle, prefill, decode, o, stream);
+int run_decoder(const effx::Bundle& bundle, effx::Engine& prefill, effx::Engine& decode, effx::Engine* fine,
+                const Options& o, cudaStream_t stream) {
+    Decoder dec(bundle, prefill, decode, fine, o, stream);
     Stats pre_gpu, pre_host, step_gpu, step_host;
     Decoder::Result last;
     for (int i = 0; i < o.warmup + o.iters; ++i) {
@@ -634,12 +660,20 @@ int run(const Options& o) {
         ~StreamGuard() { cudaStreamDestroy(s); }
     } guard{stream};
 
+    // decode_fine (an hourglass's step that completes no group) has the decode role too: take both by name
+    auto by_name = [&info](const char* name) -> const effx::GraphSpec* {
+        auto it = info.graphs.find(name);
+        return it != info.graphs.end() ? &it->second : nullptr;
+    };
     const effx::GraphSpec* prefill = bundle.graph_by_role("prefill");
-    const effx::GraphSpec* decode = bundle.graph_by_role("decode");
+    const effx::GraphSpec* decode = by_name("decode");
+    const effx::GraphSpec* fine = by_name("decode_fine");
     if (bundle.family == "decoder" && bundle.kv_cache && prefill && decode) {
         effx::Engine pe(*runtime, bundle.path(prefill->file), *prefill, info.plugins, o.force);
         effx::Engine de(*runtime, bundle.path(decode->file), *decode, info.plugins, o.force);
-        return run_decoder(bundle, pe, de, o, stream);
+        std::optional<effx::Engine> fe;
+        if (fine) fe.emplace(*runtime, bundle.path(fine->file), *fine, info.plugins, o.force);
+        return run_decoder(bundle, pe, de, fe ? &*fe : nullptr, o, stream);
     }
     const effx::GraphSpec* single = bundle.graph_by_role("encoder");
     if (!single) {

@@ -91,6 +91,9 @@ struct CachePlan {
     bool has_past_sequence() const;
     // Whether some layer holds a contiguous buffer of `capacity` slots (>= every token the host caches).
     bool has_capacity() const;
+    // An hourglass's params.first_ratio (the first shortening factor; 0 when absent): a step of one token after p
+    // cached tokens with p % first_ratio != 0 completes no group and may run the decode_fine graph.
+    int64_t first_ratio() const;
     // The buffer dims a host sizes for a run of `tokens` tokens decoded one per step: capacity = tokens and,
     // per ring layer i, ring_{i} = its window (a step of S tokens would need window + S - 1 slots).
     std::map<std::string, int64_t> buffer_sizes(int64_t tokens) const;
