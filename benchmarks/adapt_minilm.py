@@ -93,9 +93,12 @@ def sentence_embeddings(model: EffxModel, batch: dict[str, torch.Tensor], rows: 
 def previous_rows(path: Path, names: list[str]) -> list[dict]:
     """Rows of an earlier sweep for the configurations not rerun now (--only reruns some and keeps the rest)."""
     try:
-        return [r for r in json.loads(path.read_text())["rows"] if r["name"] not in names]
+        rows = [r for r in json.loads(path.read_text())["rows"] if r["name"] not in names]
     except (OSError, ValueError, KeyError):
         return []
+    for r in rows:  # rows recorded before --lr-schedule existed ran at a constant rate
+        r.setdefault("lr_schedule", "constant")
+    return rows
 
 
 def load() -> float:
@@ -112,9 +115,14 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=1e-4, help="stage 1 (Linformer E/F) learning rate")
     ap.add_argument("--lora-rank", type=int, default=None, help="LoRA rank (default: adapt's, 8 where stage 1 "
                                                                     "has nothing to train, else off)")
+    ap.add_argument("--init", default=None, choices=("auto", "pool", "prefix", "import"),
+                    help="where Linformer's E/F start (default: adapt's, auto: prefix with --lengths varied)")
     ap.add_argument("--lengths", default="varied", choices=("packed", "varied"),
                     help="training rows: packed --seq tokens, or varied lengths padded like sentences")
     ap.add_argument("--lora-lr", type=float, default=1e-3, help="stage 2 (LoRA) learning rate")
+    ap.add_argument("--lr-schedule", default="cosine", choices=("cosine", "constant"),
+                    help="each stage's rate: cosine down to 5%% by its last step (set --steps/--lora-steps to what "
+                         "fits in --minutes), or constant")
     ap.add_argument("--lora-steps", type=int, default=None, help="LoRA step cap (default: --steps)")
     ap.add_argument("--only", default="", help="comma-separated configuration names")
     ap.add_argument("--output", type=Path, default=RESULTS / "adapt_minilm.json")
@@ -148,7 +156,7 @@ def main() -> None:
             print(f"{name}: adapting ({args.minutes} min cap)", flush=True)
             kwargs = {"seq": args.seq, "batch": args.batch, "steps": args.steps, "lr": args.lr, "minutes": args.minutes,
                       "lora_rank": args.lora_rank, "lora_steps": args.lora_steps, "lora_lr": args.lora_lr,
-                      "lengths": args.lengths} | extra
+                      "lengths": args.lengths, "schedule": args.lr_schedule} | extra | ({"init": args.init} if args.init else {})
             r = adapt(f"hf:{folder}", Path(tmp) / name, texts=[text], overrides=overrides, plots=False, max_held_out=32,
                       progress=lambda msg, name=name: print(f"  {name}: {msg}", flush=True), **kwargs)
             rep = r.report
@@ -160,6 +168,7 @@ def main() -> None:
                 "kind": rep["kind"], "init": rep["stages"][0]["init"] if rep["stages"][0]["steps_done"] else None,
                 "threads": args.threads, "seq": args.seq, "batch": args.batch, "stage1_lr": kwargs["lr"],
                 "lora_rank": args.lora_rank, "lora_lr": kwargs["lora_lr"], "lengths": args.lengths,
+                "lr_schedule": args.lr_schedule, "steps_cap": args.steps, "lora_steps_cap": args.lora_steps,
                 "sentence_cosine_before": sent_before, "sentence_cosine_after": sent_after,
                 "cosine_before": rep["held_out"]["before"]["embedding_cosine"],
                 "cosine_after": rep["held_out"]["after"]["embedding_cosine"],
@@ -204,7 +213,7 @@ def plot(results: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = results["rows"]
+    rows = [r for r in results["rows"] if r["name"] in CONFIGS]  # each configuration's current row
     if not rows:
         return
     fig, ax = plt.subplots(figsize=(7, 3.5))
@@ -217,7 +226,9 @@ def plot(results: dict, path: Path) -> None:
     ax.set_xticks(list(x), [LABELS.get(r["name"], r["name"]) for r in rows], rotation=15, fontsize=8)
     ax.set_ylabel("held-out sentence-embedding cosine")
     ax.set_ylim(max(0.0, min(0.5, min(before) - 0.02)), 1.0)
-    ax.set_title(f"all-MiniLM-L6-v2, seq {results['seq']}, <= {results['minutes_cap']} min each", fontsize=9)
+    minutes = max(r["wall_minutes"] for r in rows)
+    ax.set_title(f"all-MiniLM-L6-v2, held-out sentences, <= {minutes:.1f} min each (settings per row: JSON)",
+                 fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)

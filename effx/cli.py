@@ -161,9 +161,10 @@ def adapt(
     lora_steps: Optional[int] = typer.Option(None, "--lora-steps", help="stage 2 steps (default --steps)"),  # noqa: UP045
     lora_lr: float = typer.Option(1e-3, "--lora-lr", help="stage 2 learning rate (AdamW)"),
     seed: int = typer.Option(0, "--seed", help="batches and LoRA initialisation (same seed, same weights)"),
-    init: str = typer.Option("pool", "--init", help="stage 1 start: pool (Linformer E/F as average pooling) or import"),
+    init: str = typer.Option("auto", "--init", help="stage 1 start: pool (Linformer E/F as average pooling), prefix (the first k positions one by one: short padded inputs such as sentences), import, or auto (prefix with --lengths varied, else pool)"),
     lengths: str = typer.Option("packed", "--lengths", help="training rows: packed (--seq tokens each) or varied "
                                                              "(encoders: random lengths, padded, like sentences)"),
+    lr_schedule: str = typer.Option("cosine", "--lr-schedule", help="cosine (each stage's rate falls to 5% by its last step) or constant"),
     held_out: float = typer.Option(0.1, "--held-out", help="share of the text held out for the metrics"),
     checkpoint_every: int = typer.Option(50, "--checkpoint-every", help="steps between checkpoints (OUT.checkpoint)"),
     minutes: Optional[float] = typer.Option(None, "--minutes", help="stop training after this long (steps done are recorded)"),  # noqa: UP045
@@ -183,7 +184,7 @@ def adapt(
         try:
             result = adaptation.adapt(
                 model_dir, output, texts=text, overrides=overrides or {}, seq=seq, batch=batch, steps=steps, lr=lr,
-                lora_rank=lora_rank, lora_steps=lora_steps, lora_lr=lora_lr, seed=seed, init=init, lengths=lengths, held_out=held_out,
+                lora_rank=lora_rank, lora_steps=lora_steps, lora_lr=lora_lr, seed=seed, init=init, lengths=lengths, schedule=lr_schedule, held_out=held_out,
                 checkpoint_every=checkpoint_every, minutes=minutes, resume=resume, overwrite=overwrite, plots=plots,
                 progress=lambda msg: bar.update(task, description=f"adapt: {msg}"),
                 on_step=lambda stage, done, total, loss: bar.update(

@@ -75,7 +75,8 @@ def test_ctrl_c_leaves_a_checkpoint_that_resume_continues(corpus, tmp_path, caps
     assert report["stages"][0]["steps_done"] == 12 and not (tmp_path / "adapted.checkpoint").exists()
 
 
-@pytest.mark.parametrize("case", ["no_text", "no_attention", "nothing_to_adapt", "not_a_swap", "spec_flags_on_folder"])
+@pytest.mark.parametrize("case", ["no_text", "no_attention", "nothing_to_adapt", "not_a_swap", "spec_flags_on_folder",
+                                  "bad_schedule", "bad_init"])
 def test_bad_input_is_one_line_with_exit_2(corpus, tmp_path, capsys, monkeypatch, case):
     out = str(tmp_path / "out")
     if case == "no_text":
@@ -89,9 +90,15 @@ def test_bad_input_is_one_line_with_exit_2(corpus, tmp_path, capsys, monkeypatch
         code, _, err = run_cli(["import", str(corpus["bert"]), "-o", str(tmp_path / "plain")], capsys, monkeypatch)
         assert code == 0, err
         args = ["adapt", "--model", str(tmp_path / "plain"), "--text", str(corpus["text"]), "-o", out]
+    elif case == "bad_schedule":
+        args = adapt_args(corpus, out, "--lr-schedule", "linear")
+    elif case == "bad_init":
+        args = adapt_args(corpus, out, "--init", "random")
     else:
         args = ["adapt", "--model", str(tmp_path), "--attention", "local", "--text", str(corpus["text"]), "-o", out]
     code, stdout, err = run_cli(args, capsys, monkeypatch)
     assert code == 2, (stdout, err)
+    if case.startswith("bad_"):
+        assert ("--lr-schedule 'linear'" if case == "bad_schedule" else "--init 'random'") in err
     assert err.startswith("effx: error: ") and err.count("\n") == 1 and "Traceback" not in err
     assert not (tmp_path / "out").exists()

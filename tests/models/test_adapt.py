@@ -22,9 +22,11 @@ from effx.models.adapt import (
     adapt,
     load_pair,
     pooling_projection,
+    prefix_projection,
+    scheduled_lr,
     stage1_loss,
     stage2_loss,
-    start_from_pooling,
+    start_projections,
     vary_lengths,
 )
 from effx.models.hf_import import import_to_folder
@@ -168,8 +170,48 @@ def test_pooling_start_averages_segments_and_is_exact_when_k_covers_the_sequence
                                               "model.max_seq_len": 2 * SEQ})
     ids = torch.randint(5, VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(0))
     assert (pair.student(ids) - pair.teacher(ids)).abs().max() > 0.1  # the imported random projections
-    assert start_from_pooling(pair, SEQ) == [f"blocks.{i}.attn.{x}" for i in range(2) for x in "ef"]
+    assert start_projections(pair, SEQ) == [f"blocks.{i}.attn.{x}" for i in range(2) for x in "ef"]
     assert (pair.student(ids) - pair.teacher(ids)).abs().max() < 1e-5
+
+
+def test_cosine_schedule_falls_from_the_rate_to_its_floor_by_the_last_step():
+    rates = [scheduled_lr(1e-3, "cosine", t, 11) for t in range(11)]
+    assert rates[0] == pytest.approx(1e-3) and rates[-1] == pytest.approx(5e-5) and rates[5] == pytest.approx(5.25e-4)
+    assert all(a > b for a, b in zip(rates, rates[1:], strict=False))
+    assert {scheduled_lr(1e-3, "constant", t, 11) for t in range(11)} == {1e-3}
+
+
+def test_prefix_start_keeps_each_token_of_a_short_input(corpus, monkeypatch):
+    assert torch.equal(prefix_projection(2, 6, 8), torch.tensor([[1.0] + [0.0] * 7, [0.0, 1.0] + [0.0] * 6]))
+    assert torch.equal(prefix_projection(4, 2, 3), pooling_projection(4, 2, 3))  # k >= n: pooling is exact
+    # k = SEQ / 2 over SEQ positions: an input of up to k tokens keeps every token's key and value; only the
+    # empty rows' share of the softmax separates it from full attention, which masking them removes exactly
+    k = SEQ // 2
+    pair = load_pair(f"hf:{corpus['bert']}", {"attention.kind": "linformer", "attention.k": k,
+                                              "model.max_seq_len": SEQ})
+    assert start_projections(pair, SEQ, "prefix") == [f"blocks.{i}.attn.{x}" for i in range(2) for x in "ef"]
+    ids = torch.randint(5, VOCAB, (2, k), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, k - 3:] = 0
+    teacher = pair.teacher(ids, mask)
+    pooled = load_pair(f"hf:{corpus['bert']}", {"attention.kind": "linformer", "attention.k": k,
+                                                "model.max_seq_len": SEQ})
+    start_projections(pooled, SEQ, "pool")
+    real = mask.bool()
+    err_prefix = (pair.student(ids, mask) - teacher)[real].abs().max()
+    err_pool = (pooled.student(ids, mask) - teacher)[real].abs().max()
+    assert err_prefix < err_pool / 2, (err_prefix, err_pool)
+    from effx.models import linformer
+    from effx.plugins.common import softmax_attention
+
+    def without_empty_rows(self, q, k_, v, positions, key_mask):  # rows past the input's length masked out
+        e, f = (x[:, :, :k_.shape[2]] for x in self.projections())
+        m = key_mask[:, None, :, None].to(k_.dtype)
+        allowed = ((e.abs() @ m).squeeze(-1) > 0)[:, :, None, :]
+        return softmax_attention(q, e @ (k_ * m), f @ (v * m), allowed, self.scale)
+
+    monkeypatch.setattr(linformer.LinformerAttention, "attend_sequence", without_empty_rows)
+    assert (pair.student(ids, mask) - teacher)[real].abs().max() < 1e-4
 
 
 def test_hedgehog_transfer_cuts_every_layer_error_tenfold_and_exports(corpus, tmp_path):
@@ -280,10 +322,11 @@ def test_resume_after_an_interruption_reaches_the_same_weights(corpus, tmp_path)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert [s["loss"] for s in resumed.report["stages"]] == [s["loss"] for s in straight["stages"]]
 
-    # a finished output continues with more steps (into itself, without --overwrite)
-    run(corpus, tmp_path / "c", overrides=LINFORMER, steps=6)
-    more = run(corpus, tmp_path / "c", overrides=LINFORMER, steps=12, resume=True)
-    direct = run(corpus, tmp_path / "d", overrides=LINFORMER, steps=12)
+    # a finished output continues with more steps (into itself, without --overwrite); at a constant rate that is
+    # the longer run itself (the cosine schedule follows the planned steps, so a longer plan has other rates)
+    run(corpus, tmp_path / "c", overrides=LINFORMER, steps=6, schedule="constant")
+    more = run(corpus, tmp_path / "c", overrides=LINFORMER, steps=12, resume=True, schedule="constant")
+    direct = run(corpus, tmp_path / "d", overrides=LINFORMER, steps=12, schedule="constant")
     assert more.resumed_from == str(tmp_path / "c" / "checkpoint.pt")
     c, d = (load_file(str(tmp_path / x / "model.safetensors")) for x in ("c", "d"))
     assert all(torch.equal(c[k], d[k]) for k in c)
