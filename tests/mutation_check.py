@@ -118,6 +118,12 @@ MUTATIONS = [
              "if self.first_ratio and new_tokens == 1 and self.position % int(self.first_ratio):",
              "if self.first_ratio and new_tokens == 1 and (self.position + 1) % int(self.first_ratio):",
              (f"{EXPORT}::test_decoder_prefill_then_decode_matches_pytorch",)),
+    Mutation("adapt: Linformer prefix start one position late", "models/adapt.py",
+             "p[torch.arange(k), torch.arange(k)] = 1.0", "p[torch.arange(k), torch.arange(1, k + 1)] = 1.0",
+             (f"{MODELS}/test_adapt.py",)),
+    Mutation("adapt: cosine schedule stops halfway down", "models/adapt.py",
+             "math.cos(math.pi * step / (planned - 1))", "math.cos(math.pi * step / (2 * (planned - 1)))",
+             (f"{MODELS}/test_adapt.py",)),
     Mutation("ONNX masked softmax: Q scaled twice", "plugins/onnx_body.py",
              'qs = self.op("Mul", q, scale if scale is not None else self.attr_float_like(scale_attr, q))',
              'qs = self.op("Mul", self.op("Mul", q, scale if scale is not None else self.attr_float_like(scale_attr, q)), '
