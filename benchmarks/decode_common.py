@@ -4,6 +4,7 @@ chunks through the decode graph, then single-token decode steps."""
 
 from __future__ import annotations
 
+import multiprocessing
 import time
 from pathlib import Path
 
@@ -14,6 +15,18 @@ from effx.core.protocol import DecodeDriver
 from effx.exporter import export_model
 from effx.targets.api import build
 from effx.targets.ort import OrtRunner
+
+
+def in_fresh_process(target, *args):
+    """target(*args, queue) in a spawned process (allocators keep what they once grew, and VmHWM starts anew);
+    returns what it put on the queue."""
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=target, args=(*args, queue))
+    proc.start()
+    result = queue.get()
+    proc.join()
+    return result
 
 
 def export_for_cpu(model, work: Path) -> Path:

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing
 import os
 import platform
 import tempfile
@@ -37,7 +36,7 @@ import numpy as np
 import onnx
 import onnxruntime
 import torch
-from decode_common import export_for_cpu
+from decode_common import export_for_cpu, in_fresh_process
 
 from effx.check.measure import PeakRss, cpu_name, percentiles
 from effx.core.manifest import Manifest
@@ -187,13 +186,7 @@ def _memory_child(folder: str, context: int, steps: int, threads: int, arena: bo
 def memory(folder: Path, context: int, steps: int, threads: int, arena: bool, chunked: bool) -> dict:
     """Memory of one whole decode in a fresh process: what creating the sessions adds (weights), the peak growth
     over filling the context and decoding (activations, caches, the arena), and the process's peak."""
-    ctx = multiprocessing.get_context("spawn")
-    queue = ctx.Queue()
-    proc = ctx.Process(target=_memory_child, args=(str(folder), context, steps, threads, arena, chunked, queue))
-    proc.start()
-    result = queue.get()
-    proc.join()
-    return result
+    return in_fresh_process(_memory_child, str(folder), context, steps, threads, arena, chunked)
 
 
 def main() -> None:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing
 import os
 import platform
 import statistics
@@ -28,7 +27,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from hourglass_decode import KINDS, spec  # the decode benchmark's models (benchmarks/ is the script's folder)
+from decode_common import in_fresh_process  # benchmarks/ is the script's folder
+from hourglass_decode import KINDS, spec  # the decode benchmark's models
 
 from effx.check.measure import PeakRss, cpu_name
 from effx.models import build_model
@@ -56,16 +56,6 @@ def _child(kind: str, n: int, threads: int, repeats: int, queue) -> None:
                "step_ms_each": times, "loss": loss.item()})
 
 
-def measure(kind: str, n: int, threads: int, repeats: int) -> dict:
-    ctx = multiprocessing.get_context("spawn")
-    queue = ctx.Queue()
-    proc = ctx.Process(target=_child, args=(kind, n, threads, repeats, queue))
-    proc.start()
-    result = queue.get()
-    proc.join()
-    return result
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seq", default="1024,4096")
@@ -79,7 +69,7 @@ def main() -> None:
         cells = {}
         for label, kind in KINDS.items():
             load = os.getloadavg()[0]
-            cells[label] = measure(kind, n, args.threads, args.repeats) | {"load_avg_1min": load}
+            cells[label] = in_fresh_process(_child, kind, n, args.threads, args.repeats) | {"load_avg_1min": load}
             print(f"n={n} {label}: peak growth {cells[label]['peak_growth_mb']:.0f} MB, "
                   f"step {cells[label]['step_ms_median']:.0f} ms", flush=True)
         full, hour = cells["full"], cells["hourglass [1, 4, 16]"]
